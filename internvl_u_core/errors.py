@@ -1,0 +1,27 @@
+"""Exceptions raised by the public API.
+
+Each one subclasses the built-in type a caller would naturally catch (``ValueError`` for bad
+arguments, ``OSError`` for files that cannot be loaded), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class InternVLUError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInputError(InternVLUError, ValueError):
+    """An argument has a value the model cannot use; the message names it and what is allowed."""
+
+
+class InvalidInputTypeError(InternVLUError, TypeError):
+    """An argument has the wrong type; the message names it and the accepted types."""
+
+
+class ModelLoadError(InternVLUError, OSError):
+    """A checkpoint folder, file or hub id cannot be loaded; the message names the file."""
+
+
+class GenerationCancelled(InternVLUError):
+    """A progress callback asked to stop; the pipeline is ready for the next call."""

@@ -1,0 +1,196 @@
+"""Locating a checkpoint and streaming its safetensors weights into modules built on the meta device.
+
+Only safetensors are read: pickle checkpoints (``.bin``/``.pt``) can execute code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+
+COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "scheduler/scheduler_config.json",
+    "processor/*.json",
+    "processor/*.txt",
+    "processor/*.jinja",
+    "processor/*.model",
+]
+
+
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike,
+    *,
+    local_files_only: bool = False,
+    revision: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Return the local root folder of a checkpoint, downloading a hub id only when asked to."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"model must be a folder path or a Hugging Face hub id, got {type(path_or_id).__name__}"
+        )
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds model_index.json")
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
+        raise ModelLoadError("downloading from the hub needs the huggingface_hub package") from exc
+    if progress:
+        progress(f"Fetching {text} from the Hugging Face hub")
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+    try:
+        folder = snapshot_download(
+            text, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
+        )
+    except Exception as exc:  # the hub raises many unrelated types; all mean "not available"
+        hint = (
+            "it is not in the local cache and offline mode is on"
+            if offline
+            else "check the id, your network and, for gated repos, `huggingface-cli login`"
+        )
+        raise ModelLoadError(f"could not get {text!r} from the Hugging Face hub: {hint} ({exc})") from exc
+    return Path(folder)
+
+
+def component_folder(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"checkpoint {root} has no '{name}/' folder; a released InternVL-U checkpoint has "
+            f"{', '.join(c + '/' for c in COMPONENTS)} and model_index.json"
+        )
+    return folder
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"missing file {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a component: a sharded index, else every ``*.safetensors`` file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = read_json(indexes[0])
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{indexes[0]} has no 'weight_map'")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"shards listed in {indexes[0]} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}). Pickle files can run "
+            "arbitrary code when loaded, so they are refused. Convert them once in a trusted "
+            "environment, e.g. `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            "'model.safetensors')`, or download the safetensors release."
+        )
+    raise ModelLoadError(f"{folder} contains no .safetensors weight file")
+
+
+def iter_safetensors(files: Iterable[Path]):
+    """Yield ``(file, name, tensor)`` from memory-mapped safetensors files, one tensor at a time."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read weights file {file}: it is truncated or corrupt ({exc})") from exc
+        with handle:
+            for name in handle.keys():
+                try:
+                    yield file, name, handle.get_tensor(name)
+                except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+                    raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
+
+
+def _format_names(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" … and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_weights_into(
+    module: torch.nn.Module,
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    optional: Iterable[str] = (),
+    keep_float32: Callable[[str], bool] | None = None,
+) -> None:
+    """Stream every tensor of ``folder`` into ``module`` (built on the meta device).
+
+    Missing or unexpected names and shape mismatches are errors that name the parameters, so a
+    checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
+    files = safetensors_files(folder)
+    expected = dict(module.named_parameters())
+    expected.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for file, name, tensor in iter_safetensors(files):
+        target = expected.get(name)
+        if target is None:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ModelLoadError(
+                f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
+                f"{folder}/config.json implies {tuple(target.shape)}"
+            )
+        if tensor.is_floating_point():
+            wanted = torch.float32 if keep_float32 and keep_float32(name) else dtype
+            tensor = tensor.to(wanted)
+        set_module_tensor_to_device(module, name, device, value=tensor)
+        seen.add(name)
+    missing = set(expected) - seen - set(optional)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing parameters: {_format_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected parameters: {_format_names(unexpected)}")
+        raise ModelLoadError(
+            f"weights in {folder} do not match its config.json ({'; '.join(parts)})"
+        )

@@ -1,0 +1,597 @@
+"""``InternVLUPipeline``: load the released checkpoint layout and run the four jobs.
+
+Data flows one way: processor → VLM → conditioning → diffusion transformer → VAE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import validation as check
+from .conditioning import conditioning_spans, reassemble_with_reasoning
+from .errors import InvalidInputError, ModelLoadError
+from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
+from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
+from .sampling import (
+    LatentCodec,
+    StepCallback,
+    combine_guidance,
+    latents_preview,
+    make_scheduler,
+    pixels_to_pil,
+)
+from .textgen import TokenCallback, generate_tokens
+from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
+
+logger = logging.getLogger("internvl_u_core")
+
+TEXT_KWARGS = (
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "num_beams",
+    "return_dict_in_generate", "output_hidden_states",
+)
+DIFFUSION_KWARGS = (
+    "num_inference_steps", "num_images_per_prompt", "all_cfg_scale", "part_cfg_scale",
+    "height", "width", "generator",
+)
+MODE_DEFAULTS = {
+    "image": {"all_cfg_scale": 4.5, "part_cfg_scale": 2.0, "num_inference_steps": 20},
+    "text_image": {"all_cfg_scale": 3.5, "part_cfg_scale": 1.5, "num_inference_steps": 20, "max_new_tokens": 200},
+}
+
+
+@dataclass
+class InternVLUPipelineOutput:
+    """What a reference-style call returns."""
+
+    generate_output: torch.LongTensor | None = None  # new token ids [n, T] (text modes)
+    text: list[str] | None = None  # decoded ``generate_output``, special tokens skipped
+    images: list[Image.Image] | None = None
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """A chain-of-thought from :meth:`InternVLUPipeline.reason`, reusable by ``generate``/``edit``."""
+
+    text: str
+    token_ids: tuple[int, ...]  # raw generated ids, stop token included, as the reference returns them
+    prompt: str
+    num_images: int
+    system_prompt: str | None = None
+
+
+class InternVLUPipeline:
+    """The whole InternVL-U model: understanding, reasoning, text-to-image and editing."""
+
+    def __init__(self, vlm, generation_decoder, vae, scheduler, processor: InternVLUProcessor, root: Path | None = None):
+        self.vlm: InternVLUChatModel = vlm
+        self.generation_decoder = generation_decoder
+        self.vae = vae
+        self.scheduler = scheduler
+        self.processor = processor
+        self.root = root
+        self.codec = LatentCodec(vae) if vae is not None else None
+        self._lock = threading.RLock()
+        self._offload_device: torch.device | None = None
+        tok = processor.token_id
+        self.im_start_id = tok(IM_START)
+        self.im_end_id = tok(IM_END)
+        self.img_id = tok(IMG_START)
+        self.image_context_id = tok(IMG_CONTEXT)
+        self.eos_id = processor.tokenizer.eos_token_id if processor.tokenizer.eos_token_id is not None else self.im_end_id
+        vocab = processor.tokenizer.get_vocab()
+        vlm.set_special_token_ids([vocab.get(t, -1) for t in SPECIAL_TOKENS], self.image_context_id)
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        *,
+        torch_dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        components: tuple[str, ...] = ("vlm", "generation_decoder", "vae"),
+    ) -> InternVLUPipeline:
+        """Load a checkpoint folder (or hub id) in the released layout, weights straight from safetensors."""
+        device = check.device(device)
+        dtype = check.dtype(torch_dtype, device)
+        say = progress or (lambda message: logger.info(message))
+        root = resolve_checkpoint(path_or_id, local_files_only=local_files_only, revision=revision, progress=say)
+        if not (root / "model_index.json").is_file():
+            raise ModelLoadError(f"{root} has no model_index.json; is it an InternVL-U checkpoint folder?")
+        say("Loading processor")
+        vlm_folder = component_folder(root, "vlm")
+        vlm_config = VLMConfig.from_dict(read_json(vlm_folder / "config.json"), str(vlm_folder / "config.json"))
+        processor = InternVLUProcessor.from_folder(component_folder(root, "processor"), template=vlm_config.template)
+        if processor.image_seq_length != vlm_config.num_image_token:
+            raise ModelLoadError(
+                f"processor image_seq_length {processor.image_seq_length} does not match the VLM's "
+                f"{vlm_config.num_image_token} tokens per image"
+            )
+        say("Loading VLM")
+        vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
+        load_weights_into(vlm, vlm_folder, dtype=dtype, device=device, optional=vlm.tied_weight_names)
+        if vlm.config.tie_word_embeddings:
+            vlm.language_model.tie_weights()
+        vlm.eval()
+        decoder = vae = scheduler = None
+        if "generation_decoder" in components:
+            say("Loading generation decoder")
+            decoder = load_generation_decoder(component_folder(root, "generation_decoder"), dtype, device)
+            say("Loading VAE")
+            vae = load_vae(component_folder(root, "vae"), dtype, device)
+            scheduler = load_scheduler(component_folder(root, "scheduler"))
+        say("Model ready")
+        return cls(vlm, decoder, vae, scheduler, processor, root)
+
+    # ------------------------------------------------------------------------------------------
+    # Devices and memory
+    # ------------------------------------------------------------------------------------------
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        parts = {"vlm": self.vlm, "generation_decoder": self.generation_decoder, "vae": self.vae}
+        return {name: module for name, module in parts.items() if module is not None}
+
+    @property
+    def device(self) -> torch.device:
+        return self._offload_device or next(self.vlm.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vlm.parameters()).dtype
+
+    def to(self, device: str | torch.device) -> InternVLUPipeline:
+        device = check.device(device)
+        with self._lock:
+            self._offload_device = None
+            for module in self.components.values():
+                module.to(device)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
+        """Keep components on the CPU and move each to ``device`` only while it runs."""
+        device = check.device(device)
+        with self._lock:
+            for module in self.components.values():
+                module.to("cpu")
+            self._offload_device = device
+
+    def model_size_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for module in self.components.values()
+            for t in list(module.parameters()) + list(module.buffers())
+        )
+
+    def _activate(self, module: torch.nn.Module) -> torch.device:
+        """Device a component runs on now (moving it there first under CPU offload)."""
+        if self._offload_device is not None:
+            for other in self.components.values():
+                if other is not module:
+                    other.to("cpu")
+            module.to(self._offload_device)
+            return self._offload_device
+        return next(module.parameters()).device
+
+    def _require_generation(self) -> None:
+        if self.generation_decoder is None:
+            raise InvalidInputError("this pipeline was loaded without the image components; load it with them to draw")
+
+    # ------------------------------------------------------------------------------------------
+    # Reference-compatible call
+    # ------------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image=None,
+        generation_mode: str = "text",
+        system_prompt: str | None = None,
+        callback: StepCallback | None = None,
+        token_callback: TokenCallback | None = None,
+        **kwargs,
+    ) -> InternVLUPipelineOutput:
+        """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
+        mode = check.generation_mode(generation_mode)
+        prompts, images = check.prompts_and_images(prompt, image, mode)
+        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
+        with self._lock:
+            if mode == "text":
+                text_kwargs = check.text_kwargs(text_kwargs, default_max_new_tokens=None)
+                ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
+                return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
+            self._require_generation()
+            settings = self._diffusion_settings(mode, diffusion_kwargs, images)
+            reasoning_ids = None
+            if mode == "text_image":
+                text_kwargs = check.text_kwargs(text_kwargs, default_max_new_tokens=MODE_DEFAULTS[mode]["max_new_tokens"])
+                reasoning_ids = self._generate_text(
+                    prompts, images, "text_image", system_prompt, text_kwargs, None, token_callback
+                )
+            pictures = self._generate_images(prompts, images, system_prompt, settings, reasoning_ids, callback)
+            return InternVLUPipelineOutput(
+                generate_output=reasoning_ids,
+                text=self._decode(reasoning_ids) if reasoning_ids is not None else None,
+                images=pictures,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # Friendly jobs
+    # ------------------------------------------------------------------------------------------
+    def understand(
+        self,
+        images,
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        token_callback: TokenCallback | None = None,
+    ) -> str:
+        """Answer ``question`` about zero, one or several images."""
+        question = check.text(question, "question")
+        pictures = check.image_list(images, "images", allow_empty=True)
+        kwargs = check.text_kwargs(
+            {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+             "top_p": top_p, "num_beams": num_beams},
+            default_max_new_tokens=None,
+        )
+        seed = check.optional_seed(seed)
+        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        with self._lock:
+            ids = self._generate_text([question], [pictures], "text", system_prompt, kwargs, seed, token_callback)
+        return self._decode(ids)[0]
+
+    def reason(
+        self,
+        prompt: str,
+        images=None,
+        *,
+        max_new_tokens: int = 200,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        token_callback: TokenCallback | None = None,
+    ) -> Reasoning:
+        """The chain-of-thought the model writes before drawing (``text_image`` mode's first stage)."""
+        prompt = check.text(prompt, "prompt")
+        pictures = check.image_list(images, "images", allow_empty=True)
+        kwargs = check.text_kwargs(
+            {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+             "top_p": top_p, "num_beams": num_beams},
+            default_max_new_tokens=None,
+        )
+        seed = check.optional_seed(seed)
+        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        with self._lock:
+            ids = self._generate_text([prompt], [pictures], "text_image", system_prompt, kwargs, seed, token_callback)
+        return Reasoning(
+            text=self._decode(ids)[0],
+            token_ids=tuple(ids[0].tolist()),
+            prompt=prompt,
+            num_images=len(pictures),
+            system_prompt=system_prompt,
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        all_cfg_scale: float | None = None,
+        part_cfg_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_images: int = 1,
+        reasoning: Reasoning | None = None,
+        system_prompt: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
+        prompt = check.text(prompt, "prompt")
+        return self._draw(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, seed, generator,
+                          num_images, reasoning, system_prompt, callback)
+
+    def edit(
+        self,
+        images,
+        instruction: str,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        all_cfg_scale: float | None = None,
+        part_cfg_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        num_images: int = 1,
+        reasoning: Reasoning | None = None,
+        system_prompt: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
+        instruction = check.text(instruction, "instruction")
+        pictures = check.image_list(images, "images", allow_empty=False)
+        return self._draw(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, seed,
+                          generator, num_images, reasoning, system_prompt, callback)
+
+    def decode_latents_preview(self, latents: torch.Tensor) -> Image.Image:
+        """A cheap RGB preview of the current latents (no VAE pass)."""
+        return latents_preview(latents)
+
+    # ------------------------------------------------------------------------------------------
+    # Internals
+    # ------------------------------------------------------------------------------------------
+    def _draw(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, seed, generator,
+              num_images, reasoning, system_prompt, callback) -> list[Image.Image]:
+        self._require_generation()
+        mode = "image" if reasoning is None else "text_image"
+        if reasoning is not None and not isinstance(reasoning, Reasoning):
+            raise InvalidInputError(f"reasoning must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
+        if reasoning is not None and reasoning.num_images != len(pictures):
+            raise InvalidInputError(
+                f"reasoning was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
+                "call reason() with the same images"
+            )
+        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        if pictures and width is None and height is None:
+            width, height = pictures[0].size
+        kwargs = {"num_inference_steps": steps, "num_images_per_prompt": num_images, "height": height, "width": width,
+                  "all_cfg_scale": all_cfg_scale, "part_cfg_scale": part_cfg_scale,
+                  "generator": generator if generator is not None else check.seed_generator(seed)}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        with self._lock:
+            settings = self._diffusion_settings(mode, kwargs, [pictures])
+            reasoning_ids = None
+            if reasoning is not None:
+                reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
+            return self._generate_images([prompt], [pictures], system_prompt, settings, reasoning_ids, callback)
+
+    def _decode(self, ids: torch.Tensor) -> list[str]:
+        return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _diffusion_settings(self, mode: str, kwargs: dict, images: list[list[Image.Image]]) -> dict:
+        config = self.generation_decoder.config
+        settings = dict(MODE_DEFAULTS[mode])
+        settings.update({k: v for k, v in kwargs.items() if v is not None})
+        settings.pop("max_new_tokens", None)
+        height = settings.get("height")
+        width = settings.get("width")
+        if height is None and width is None and any(images) and mode == "image":
+            width, height = images[0][0].size
+        if height is None and width is None:
+            height, width = config.gen_image_height, config.gen_image_width
+        height = height if height is not None else width
+        width = width if width is not None else height
+        settings["height"], settings["width"] = check.image_size(height, width)
+        settings["num_inference_steps"] = check.steps(settings["num_inference_steps"])
+        settings["num_images_per_prompt"] = check.count(settings.get("num_images_per_prompt", 1), "num_images_per_prompt")
+        settings["all_cfg_scale"] = check.finite(settings["all_cfg_scale"], "all_cfg_scale")
+        settings["part_cfg_scale"] = check.finite(settings["part_cfg_scale"], "part_cfg_scale")
+        settings["generator"] = check.generator(settings.get("generator"))
+        return settings
+
+    def _generate_text(self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback) -> torch.Tensor:
+        """Run the processor and decode new tokens; ``text_image`` uses the full-condition rows only."""
+        batch = self.processor(prompts, images, mode, system_prompt, height=16, width=16)
+        n = len(prompts)
+        device = self._activate(self.vlm)
+        input_ids = batch.input_ids[:n].to(device)
+        attention_mask = batch.attention_mask[:n].to(device)
+        pixel_values = None
+        if batch.pixel_values is not None:
+            count = sum(batch.images_per_prompt)
+            pixel_values = batch.pixel_values[:count].to(device)
+        check.prompt_length(input_ids.shape[1], text_kwargs.get("max_new_tokens", 20), self.max_context, "prompt")
+        return generate_tokens(
+            self.vlm, input_ids, attention_mask, pixel_values,
+            stop_ids=[self.eos_id, self.img_id], gen_kwargs=text_kwargs, seed=seed, token_callback=token_callback,
+        ).cpu()
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.vlm.language_model.config, "max_position_embeddings", 32768))
+
+    @torch.inference_mode()
+    def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
+        counts = [len(imgs) for imgs in images]
+        if any(counts) and not all(counts):
+            raise InvalidInputError(
+                "a batch cannot mix editing prompts (with images) and text-to-image prompts (without); "
+                "run them as separate calls"
+            )
+        mode = "image" if reasoning_ids is None else "text_image"
+        batch = self.processor(prompts, images, mode, system_prompt,
+                               height=settings["height"], width=settings["width"])
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        if reasoning_ids is not None:
+            input_ids, attention_mask = reassemble_with_reasoning(
+                input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
+            )
+        check.prompt_length(input_ids.shape[1], 0, self.max_context, "prompt")
+        cond = self._conditioning(batch, input_ids, attention_mask)
+        latents = self._sample(batch, cond, settings, callback)
+        return self._to_pictures(latents, batch.gen_size, (settings["width"], settings["height"]))
+
+    def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask) -> dict:
+        """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
+        decoder_config = self.generation_decoder.config
+        vlm_device = self._activate(self.vlm)
+        pixel_values = batch.pixel_values.to(vlm_device) if batch.pixel_values is not None else None
+        features = self.vlm.hidden_states_for_generation(
+            input_ids.to(vlm_device), attention_mask.to(vlm_device), pixel_values, list(decoder_config.vlm_select_layer)
+        )
+        spans = conditioning_spans(
+            features, input_ids.to(vlm_device), attention_mask.to(vlm_device),
+            im_start_id=self.im_start_id, image_context_id=self.image_context_id,
+        )
+        n = batch.num_prompts
+        counts = batch.images_per_prompt
+        rows = 3 * n
+        # ViT grid per input image of a row (h, w after pixel shuffle).
+        side = 0
+        if batch.pixel_values is not None:
+            vit = self.vlm.config
+            side = int(batch.pixel_values.shape[-1] // vit.vision.patch_size * vit.downsample_ratio)
+        row_counts = counts + counts + [0] * n
+        image_fhw = [torch.tensor([[1, side, side]] * k, dtype=torch.long).reshape(k, 3) for k in row_counts]
+        # Reference latents: the input images of the `none` and `text` rows, in row order.
+        references: list[torch.Tensor | None] = [None] * rows
+        reference_grids: list[torch.Tensor | None] = [None] * rows
+        if batch.pixel_values_gen is not None:
+            self._activate(self.vae)
+            unique = sum(counts)
+            latents = self.codec.encode(batch.pixel_values_gen[:unique])  # both halves hold the same images
+            latents = torch.cat([latents, latents])
+            grids = batch.image_grid_thw_gen[batch.generation_flags == 0]
+            cursor = 0
+            for row, k in enumerate(row_counts):
+                if k:
+                    references[row] = latents[cursor : cursor + k]
+                    reference_grids[row] = grids[cursor : cursor + k]
+                cursor += k
+        return {
+            "spans": spans,
+            "image_fhw": image_fhw,
+            "references": references,
+            "reference_grids": reference_grids,
+            "target_grid": batch.image_grid_thw_gen[batch.generation_flags == 1],
+        }
+
+    def _sample(self, batch: ProcessorOutput, cond: dict, settings: dict, callback) -> torch.Tensor:
+        """The denoising loop; returns float32 latents ``[n·m, C, H/8, W/8]``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        decoder = self.generation_decoder
+        device = self._activate(decoder)
+        dtype = next(decoder.parameters()).dtype
+        n, copies = batch.num_prompts, settings["num_images_per_prompt"]
+        h_gen, w_gen = batch.gen_size
+        # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m].
+        order = [r for r in range(3 * n) for _ in range(copies)]
+        spans = [cond["spans"][r] for r in order]
+        hidden, text_mask, image_mask = decoder.prepare_forward_input(
+            [s[0].to(device, dtype) for s in spans], [s[1].to(device) for s in spans]
+        )
+        references = [cond["references"][r] for r in order]
+        has_refs = any(r is not None for r in references)
+        channels = decoder.config.latent_channels
+        context = decoder.decoder.prepare_context(
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=text_mask,
+            encoder_image_token_mask=image_mask,
+            image_grid_thw_gen=cond["target_grid"][order].to(device),
+            image_fhw_cond=[cond["image_fhw"][r].to(device) for r in order],
+            conditional_input=[
+                (r if r is not None else torch.zeros(0, channels, 1, 1)).to(device, dtype) for r in references
+            ] if has_refs else None,
+            image_grid_thw_gen_cond=[
+                (g if g is not None else torch.zeros(0, 3, dtype=torch.long)).to(device)
+                for g in (cond["reference_grids"][r] for r in order)
+            ] if has_refs else None,
+        )
+        scale = self.codec.scale_factor
+        shape = (n * copies, channels, h_gen // scale, w_gen // scale)
+        latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
+        scheduler = make_scheduler(self.scheduler)
+        scheduler.set_timesteps(settings["num_inference_steps"], device=device)
+        timestep_scale = decoder.config.timestep_scale
+        total = len(scheduler.timesteps)
+        for index, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 3).to(dtype)
+            timestep = t.expand(model_input.shape[0]).to(torch.float32) * timestep_scale
+            prediction = decoder.decoder.forward_with_context(model_input, timestep, context).to(torch.float32)
+            v_full, v_part, v_uncond = prediction.chunk(3)
+            guided = combine_guidance(
+                v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"]
+            )
+            latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+            check.run_callback(callback, index + 1, total, latents)
+        return latents
+
+    def _to_pictures(self, latents, gen_size, requested) -> list[Image.Image]:
+        self._activate(self.vae)
+        pictures = []
+        for sample in latents.split(1):
+            pictures += pixels_to_pil(self.codec.decode(sample))
+        if (pictures[0].width, pictures[0].height) != tuple(requested):
+            pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
+        return pictures
+
+
+def _build_on_meta(factory):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return factory()
+
+
+def _split_kwargs(kwargs: dict, mode: str) -> tuple[dict, dict]:
+    text, diffusion = {}, {}
+    for key, value in kwargs.items():
+        if key in TEXT_KWARGS:
+            if mode != "image":
+                text[key] = value
+        elif key in DIFFUSION_KWARGS:
+            if mode != "text":
+                diffusion[key] = value
+        else:
+            logger.warning("ignoring unsupported argument %r (the reference pipeline drops it too)", key)
+    return text, diffusion
+
+
+def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.device):
+    from .transformer import InternVLUGenerationDecoder
+
+    config = read_json(folder / "config.json")
+    try:
+        decoder = _build_on_meta(lambda: InternVLUGenerationDecoder.from_config_dict(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a valid generation-decoder config: {exc}") from exc
+    load_weights_into(decoder, folder, dtype=dtype, device=device)
+    return decoder.eval()
+
+
+def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKLQwenImage
+
+    from .loading import safetensors_files
+
+    safetensors_files(folder)  # refuses pickle-only folders with a clear message
+    try:
+        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
+    return vae.to(device).eval()
+
+
+def load_scheduler(folder: Path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    config = read_json(folder / "scheduler_config.json")
+    if not config.get("use_flow_sigmas") or config.get("prediction_type") != "flow_prediction":
+        raise ModelLoadError(
+            f"{folder / 'scheduler_config.json'} must set use_flow_sigmas=true and prediction_type='flow_prediction'"
+        )
+    return DPMSolverMultistepScheduler.from_config(config)

@@ -1,0 +1,288 @@
+"""One validation layer for every public entry point (API, CLI, nodes, agent tools).
+
+Each check returns the cleaned value or raises an error that names the argument, the value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
+
+MAX_SIDE = 4096  # pixels per side of a requested image
+MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000
+MAX_NEW_TOKENS = 32768
+MAX_IMAGES_PER_PROMPT = 16
+MAX_INPUT_PIXELS = 64_000_000  # larger inputs are refused before decoding (decompression bombs)
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+GENERATION_MODES = ("text", "image", "text_image")
+
+
+def device(value) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(value, torch.device):
+        dev = value
+    elif isinstance(value, str):
+        try:
+            dev = torch.device(value.strip().lower())
+        except RuntimeError as exc:
+            raise InvalidInputError(f"device {value!r} is not a device; use 'cpu', 'cuda', 'cuda:0' or 'mps'") from exc
+    else:
+        raise InvalidInputTypeError(f"device must be a string or torch.device, got {type(value).__name__}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"device {value!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {value!r} was asked for but CUDA is not available; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(f"device {value!r} was asked for but MPS is not available; use device='cpu'")
+    return dev
+
+
+def dtype(value, dev: torch.device) -> torch.dtype:
+    if value is None or value == "auto":
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if dev.type == "mps":
+            return torch.float16
+        return torch.float32
+    if isinstance(value, torch.dtype):
+        if value in (torch.float32, torch.bfloat16, torch.float16):
+            return value
+        raise InvalidInputError(f"torch_dtype {value} is not supported; use float32, bfloat16 or float16")
+    if isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+        raise InvalidInputError(
+            f"torch_dtype {value!r} is not supported; use 'auto', 'float32', 'bfloat16' or 'float16'"
+        )
+    raise InvalidInputTypeError(f"torch_dtype must be a string or torch.dtype, got {type(value).__name__}")
+
+
+def generation_mode(value) -> str:
+    if value not in GENERATION_MODES:
+        raise InvalidInputError(f"generation_mode {value!r} is not known; use one of {', '.join(GENERATION_MODES)}")
+    return value
+
+
+def text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputTypeError(f"{name} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidInputError(f"{name} contains a NUL character")
+    return value
+
+
+def optional_text(value, name: str) -> str | None:
+    return None if value is None else text(value, name)
+
+
+def load_image(value, name: str) -> Image.Image:
+    """A PIL image (any mode) or a path → an RGB PIL image, refusing absurd sizes before decoding."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (str, os.PathLike)):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise InvalidInputError(f"{name}: image file {os.fspath(value)!r} does not exist")
+        try:
+            image = Image.open(path)
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise InvalidInputError(f"{name}: cannot read {os.fspath(value)!r} as an image ({exc})") from exc
+    else:
+        raise InvalidInputTypeError(
+            f"{name} must be a PIL image or a file path, got {type(value).__name__}"
+        )
+    if image.width < 1 or image.height < 1:
+        raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
+    if image.width * image.height > MAX_INPUT_PIXELS:
+        raise InvalidInputError(
+            f"{name}: image is {image.width}×{image.height} pixels, more than the {MAX_INPUT_PIXELS:,} allowed; "
+            "downscale it first"
+        )
+    return to_rgb(image, name)
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert any PIL mode to RGB (alpha composited on white, 16-bit scaled to 8-bit)."""
+    try:
+        if image.mode == "RGB":
+            image.load()
+            return image
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            import numpy as np
+
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            array = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
+            return Image.fromarray(array, mode="L").convert("RGB")
+        if image.mode == "F":
+            import numpy as np
+
+            array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+            lo, hi = float(array.min()), float(array.max())
+            array = ((array - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+            return Image.fromarray(array, mode="L").convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{name}: cannot decode the image ({exc})") from exc
+
+
+def image_list(value, name: str, *, allow_empty: bool) -> list[Image.Image]:
+    if value is None:
+        items = []
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    if not items and not allow_empty:
+        raise InvalidInputError(f"{name}: at least one image is needed")
+    if len(items) > MAX_IMAGES_PER_PROMPT:
+        raise InvalidInputError(f"{name}: {len(items)} images given, at most {MAX_IMAGES_PER_PROMPT} are allowed")
+    return [load_image(item, f"{name}[{i}]" if len(items) > 1 else name) for i, item in enumerate(items)]
+
+
+def prompts_and_images(prompt, image, mode: str) -> tuple[list[str], list[list[Image.Image]]]:
+    """Reference nesting → one prompt list and one image list per prompt."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        prompts = [text(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        raise InvalidInputTypeError("prompt must be a string or a non-empty list of strings")
+    n = len(prompts)
+    if image is None:
+        per_prompt = [[] for _ in prompts]
+    elif isinstance(image, (list, tuple)):
+        entries = list(image)
+        nested = any(isinstance(e, (list, tuple)) or e is None for e in entries)
+        if n == 1 and not nested and len(entries) != 1:
+            entries = [entries]  # several images for the one prompt
+        if len(entries) != n:
+            raise InvalidInputError(
+                f"image has {len(entries)} entries but there are {n} prompts; give one entry per prompt "
+                "(an entry may be a list of images, or None)"
+            )
+        per_prompt = [image_list(e, f"image[{i}]", allow_empty=True) for i, e in enumerate(entries)]
+    else:
+        if n != 1:
+            raise InvalidInputError(f"one image was given for {n} prompts; give a list with one entry per prompt")
+        per_prompt = [image_list(image, "image", allow_empty=False)]
+    return prompts, per_prompt
+
+
+def _number(value, name: str, kind=float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    ):
+        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value) if kind is float else value
+    return value
+
+
+def integer(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InvalidInputTypeError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidInputError(f"{name} = {value} is out of range; allowed {low}…{high}")
+    return int(value)
+
+
+def finite(value, name: str) -> float:
+    number = _number(value, name)
+    if not math.isfinite(number):
+        raise InvalidInputError(f"{name} = {value} must be a finite number")
+    return number
+
+
+def steps(value) -> int:
+    return integer(value, "num_inference_steps", 1, MAX_STEPS)
+
+
+def count(value, name: str) -> int:
+    return integer(value, name, 1, 64)
+
+
+def image_size(height, width) -> tuple[int, int]:
+    height = integer(height, "height", 1, MAX_SIDE)
+    width = integer(width, "width", 1, MAX_SIDE)
+    if height * width > MAX_PIXELS:
+        raise InvalidInputError(f"height×width = {height}×{width} exceeds the {MAX_PIXELS:,}-pixel budget")
+    return height, width
+
+
+def optional_seed(value) -> int | None:
+    return None if value is None else integer(value, "seed", 0, 2**64 - 1)
+
+
+def seed_generator(seed) -> torch.Generator | None:
+    seed = optional_seed(seed)
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(seed if seed < 2**63 else seed - 2**64)
+
+
+def generator(value):
+    if value is None or isinstance(value, torch.Generator):
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(g, torch.Generator) for g in value):
+        return list(value)
+    raise InvalidInputTypeError(f"generator must be a torch.Generator, got {type(value).__name__}")
+
+
+def text_kwargs(kwargs: dict, default_max_new_tokens: int | None) -> dict:
+    out = dict(kwargs)
+    if "max_new_tokens" not in out and default_max_new_tokens is not None:
+        out["max_new_tokens"] = default_max_new_tokens
+    if "max_new_tokens" in out:
+        out["max_new_tokens"] = integer(out["max_new_tokens"], "max_new_tokens", 1, MAX_NEW_TOKENS)
+    if "min_new_tokens" in out:
+        out["min_new_tokens"] = integer(out["min_new_tokens"], "min_new_tokens", 0, MAX_NEW_TOKENS)
+    if "num_beams" in out:
+        out["num_beams"] = integer(out["num_beams"], "num_beams", 1, 16)
+    if "do_sample" in out and not isinstance(out["do_sample"], bool):
+        raise InvalidInputTypeError(f"do_sample must be True or False, got {out['do_sample']!r}")
+    if "temperature" in out:
+        t = finite(out["temperature"], "temperature")
+        if t <= 0:
+            raise InvalidInputError(f"temperature = {t} must be > 0")
+        out["temperature"] = t
+    if "top_p" in out:
+        p = finite(out["top_p"], "top_p")
+        if not 0 < p <= 1:
+            raise InvalidInputError(f"top_p = {p} must be in (0, 1]")
+        out["top_p"] = p
+    return out
+
+
+def prompt_length(tokens: int, new_tokens: int, limit: int, name: str) -> None:
+    if tokens + new_tokens > limit:
+        raise InvalidInputError(
+            f"{name} is {tokens} tokens long (plus {new_tokens} new tokens), more than the model's context of "
+            f"{limit} tokens; shorten it"
+        )
+
+
+def run_callback(callback: Callable | None, step: int, total: int, latents: torch.Tensor) -> None:
+    if callback is not None and callback(step, total, latents) is False:
+        raise GenerationCancelled(f"generation was stopped by the callback at step {step} of {total}")

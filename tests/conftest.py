@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny checkpoints (loaded once per session) and the reference cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_SETS = ("internvlu-tiny", "internvlu-tiny-c")
+TINY_CHECKPOINT = FIXTURES / "internvlu-tiny" / "checkpoint"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def fixture_cases(mode_filter=None):
+    """``(set_name, case)`` pairs from every fixture set, optionally filtered by generation mode."""
+    out = []
+    for name in FIXTURE_SETS:
+        cases = json.loads((FIXTURES / name / "cases.json").read_text())["cases"]
+        for case in cases:
+            if mode_filter is None or mode_filter(case["generation_mode"]):
+                out.append(pytest.param(name, case, id=f"{name}/{case['name']}"))
+    return out
+
+
+def load_inputs(set_name: str, value):
+    """Case ``image`` nesting with file names → the same nesting with PIL images."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Image.open(FIXTURES / set_name / "inputs" / value).convert("RGB")
+    return [load_inputs(set_name, v) for v in value]
+
+
+def call_kwargs(case: dict) -> dict:
+    kwargs = dict(case["call_kwargs"])
+    if "generator" in kwargs:
+        kwargs["generator"] = torch.Generator(device="cpu").manual_seed(kwargs["generator"]["seed"])
+    return kwargs
+
+
+def expected_tensors(set_name: str, case: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / set_name / "expected" / case["expected"]["tensors_file"]))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol=1e-4, rtol=1e-4, name=""):
+    actual = actual.detach().to(torch.float32).cpu()
+    expected = expected.to(torch.float32)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bound = atol + rtol * expected.abs()
+    worst = ((actual - expected).abs() - bound).max().item()
+    assert worst <= 0, f"{name}: max excess over tolerance {worst:.3g} (max abs diff {(actual - expected).abs().max():.3g})"
+
+
+_PIPES: dict[str, object] = {}
+
+
+def get_pipeline(set_name: str):
+    from internvl_u_core import InternVLUPipeline
+
+    if set_name not in _PIPES:
+        _PIPES[set_name] = InternVLUPipeline.from_pretrained(
+            FIXTURES / set_name / "checkpoint", torch_dtype=torch.float32, device="cpu"
+        )
+    return _PIPES[set_name]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    return get_pipeline("internvlu-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_c_pipe():
+    return get_pipeline("internvlu-tiny-c")
