@@ -5,19 +5,7 @@ Row layout of a batch of ``n`` prompts: ``[full × n, instruction dropped × n, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-
-@dataclass
-class RowConditioning:
-    """Conditioning of one guidance row (one image to generate)."""
-
-    hidden_states: torch.Tensor  # [T, C_in] span of the user turn through the final <img>
-    image_token_mask: torch.Tensor  # [T] bool, True at <IMG_CONTEXT>
-    image_fhw: torch.Tensor  # [k, 3] ViT grid (frames, h, w) of each input image in the span
-    reference_rows: list[int]  # indices into the batch of VAE reference images used by this row
 
 
 def user_turn_starts(input_ids: torch.Tensor, im_start_id: int) -> list[int]:

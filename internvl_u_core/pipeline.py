@@ -80,6 +80,8 @@ class InternVLUPipeline:
         self.codec = LatentCodec(vae) if vae is not None else None
         self._lock = threading.RLock()
         self._offload_device: torch.device | None = None
+        # Tests set this to a callable(name, tensor) to compare every stage with the reference.
+        self.recorder: Callable[[str, torch.Tensor], None] | None = None
         tok = processor.token_id
         self.im_start_id = tok(IM_START)
         self.im_end_id = tok(IM_END)
@@ -368,6 +370,20 @@ class InternVLUPipeline:
                 reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
             return self._generate_images([prompt], [pictures], system_prompt, settings, reasoning_ids, callback)
 
+    def _record(self, name: str, value) -> None:
+        if self.recorder is not None:
+            self.recorder(name, value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+
+    def _record_batch(self, batch: ProcessorOutput, input_ids, attention_mask) -> None:
+        if self.recorder is None:
+            return
+        for name in ("input_ids", "attention_mask", "pixel_values", "pixel_values_gen", "image_grid_thw_gen",
+                     "generation_flags"):
+            if getattr(batch, name) is not None:
+                self._record(f"processor.0.{name}", getattr(batch, name))
+        self._record("vlm_image_stage.input_ids.0", input_ids)
+        self._record("vlm_image_stage.attention_mask.0", attention_mask)
+
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -430,6 +446,7 @@ class InternVLUPipeline:
                 input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
             )
         check.prompt_length(input_ids.shape[1], 0, self.max_context, "prompt")
+        self._record_batch(batch, input_ids, attention_mask)
         cond = self._conditioning(batch, input_ids, attention_mask)
         latents = self._sample(batch, cond, settings, callback)
         return self._to_pictures(latents, batch.gen_size, (settings["width"], settings["height"]))
@@ -464,6 +481,7 @@ class InternVLUPipeline:
             unique = sum(counts)
             latents = self.codec.encode(batch.pixel_values_gen[:unique])  # both halves hold the same images
             latents = torch.cat([latents, latents])
+            self._record("diffusion.cond_latents", latents)
             grids = batch.image_grid_thw_gen[batch.generation_flags == 0]
             cursor = 0
             for row, k in enumerate(row_counts):
@@ -514,6 +532,14 @@ class InternVLUPipeline:
         scale = self.codec.scale_factor
         shape = (n * copies, channels, h_gen // scale, w_gen // scale)
         latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
+        self._record("diffusion.initial_latents", latents)
+        if self.recorder is not None:
+            for k, (states, image_mask_k) in enumerate(spans):
+                self._record(f"cond.encoder_hidden_states.{k}", states)
+                self._record(f"cond.encoder_image_token_mask.{k}", image_mask_k)
+            for name, value in (("encoder_hidden_states", hidden), ("encoder_attention_mask", text_mask),
+                                ("encoder_image_token_mask", image_mask)):
+                self._record(f"decoder_step0.{name}", value)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings["num_inference_steps"], device=device)
         timestep_scale = decoder.config.timestep_scale
@@ -526,15 +552,27 @@ class InternVLUPipeline:
             guided = combine_guidance(
                 v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"]
             )
+            if self.recorder is not None:
+                if index == 0:
+                    self._record("decoder_step0.hidden_states", model_input)
+                    self._record("decoder_step0.timestep", timestep)
+                    self._record("decoder_step0.output", prediction)
+                for name, value in (("timestep", t), ("raw_noise_pred", prediction), ("guided_noise_pred", guided),
+                                    ("latents_before_step", latents)):
+                    self._record(f"diffusion.{name}.{index}", value)
             latents = scheduler.step(guided, t, latents, return_dict=False)[0]
+            self._record(f"diffusion.latents_after_step.{index}", latents)
             check.run_callback(callback, index + 1, total, latents)
+        self._record("diffusion.final_latents", latents)
         return latents
 
     def _to_pictures(self, latents, gen_size, requested) -> list[Image.Image]:
         self._activate(self.vae)
         pictures = []
         for sample in latents.split(1):
-            pictures += pixels_to_pil(self.codec.decode(sample))
+            pixels = self.codec.decode(sample)
+            self._record("diffusion.decoded_pixels", pixels)
+            pictures += pixels_to_pil(pixels)
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
         return pictures

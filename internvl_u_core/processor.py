@@ -338,7 +338,7 @@ class InternVLUProcessor:
         input_grids = [[1, t.shape[1] // patch, t.shape[2] // patch] for t in gen_pixels]
         flags: list[int] = []
         grids: list[list[int]] = []
-        for repeat in range(2):  # `none` rows, then `text` rows carry the input images
+        for _ in range(2):  # `none` rows, then `text` rows carry the input images
             cursor = 0
             for k in counts:
                 for grid in input_grids[cursor : cursor + k]:

@@ -28,6 +28,11 @@ def fixture_cases(mode_filter=None):
     return out
 
 
+def fixture_case_params(mode_filter=None):
+    """Like :func:`fixture_cases`, but each param is one ``(set_name, case)`` tuple (for fixture params)."""
+    return [pytest.param(tuple(p.values), id=p.id) for p in fixture_cases(mode_filter)]
+
+
 def load_inputs(set_name: str, value):
     """Case ``image`` nesting with file names → the same nesting with PIL images."""
     if value is None:
