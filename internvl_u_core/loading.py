@@ -182,7 +182,7 @@ def load_weights_into(
         if tensor.is_floating_point():
             wanted = torch.float32 if keep_float32 and keep_float32(name) else dtype
             tensor = tensor.to(wanted)
-        set_module_tensor_to_device(module, name, device, value=tensor)
+        set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
         seen.add(name)
     missing = set(expected) - seen - set(optional)
     if unexpected or missing:

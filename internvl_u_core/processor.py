@@ -278,8 +278,9 @@ class InternVLUProcessor:
         return text.replace(IMAGE_SLOT, IMG_CONTEXT).replace(IMG_CONTEXT, span)
 
     def gen_size(self, height: int, width: int) -> tuple[int, int]:
+        # Floored to the 16-px grid like the reference, but never below one grid cell (it crashes there).
         stride = self.gen_settings.stride
-        return (height // stride) * stride, (width // stride) * stride
+        return max(stride, (height // stride) * stride), max(stride, (width // stride) * stride)
 
     def __call__(
         self,
