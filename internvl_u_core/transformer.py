@@ -456,7 +456,8 @@ class InternVLUTimestepProjEmbeddings(nn.Module):
         """timestep [B] → [B, 256] = [cos | sin] of 1000·(float32(dtype(t))·f_k), in dtype."""
         freqs = self._freqs.get(timestep.device)
         if freqs is None:
-            freqs = self._freqs[timestep.device] = _timestep_frequencies().to(timestep.device)
+            with torch.inference_mode(False):  # a normal tensor, reusable outside inference mode
+                freqs = self._freqs[timestep.device] = _timestep_frequencies().to(timestep.device)
         # The reference rounds t to the model dtype first, then forms t·f_k in float32 and only
         # then multiplies by 1000 (the order changes the float32 result).
         args = 1000 * (timestep.to(dtype).float()[:, None] * freqs[None, :])
@@ -744,19 +745,22 @@ class InternVLUTransformer2DModel(nn.Module):
         image_rope = self.pos_embed(torch.cat(tgt_pos + ref_pos).to(device), use_complex)
         text_rope = self.pos_embed(torch.cat(txt_pos).to(device), use_complex)
 
-        # Packed order per row: [target_b, refs_b, text_b].
+        # Packed order per row: [target_b, refs_b, text_b]; rows follow each other.
         spans, tgt_idx, ref_idx, txt_idx = [], [], [], []
-        offset = 0
+        start = 0
         for b in range(batch):
-            tgt_idx.append(torch.arange(offset, offset + num_target[b]))
-            offset += num_target[b]
-            ref_idx.append(torch.arange(offset, offset + num_ref[b]))
-            offset += num_ref[b]
-            txt_idx.append(torch.arange(offset, offset + num_text[b]))
-            offset += num_text[b]
-            spans.append((offset - num_target[b] - num_ref[b] - num_text[b], offset))
+            tgt_end = start + num_target[b]
+            ref_end = tgt_end + num_ref[b]
+            end = ref_end + num_text[b]
+            tgt_idx.append(torch.arange(start, tgt_end))
+            ref_idx.append(torch.arange(tgt_end, ref_end))
+            txt_idx.append(torch.arange(ref_end, end))
+            spans.append((start, end))
+            start = end
         rows = torch.arange(batch)
-        image_row_ids = torch.cat([rows.repeat_interleave(torch.tensor(num_target)), rows.repeat_interleave(torch.tensor(num_ref))])
+        image_row_ids = torch.cat(
+            [rows.repeat_interleave(torch.tensor(num_target)), rows.repeat_interleave(torch.tensor(num_ref))]
+        )
         text_row_ids = rows.repeat_interleave(torch.tensor(num_text))
 
         return DecoderContext(
