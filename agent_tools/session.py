@@ -1,0 +1,80 @@
+"""State the four tools share: one pipeline runner, the image files, the reasonings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from agent_tools.images import ImageStore
+from agent_tools.reasonings import ReasoningStore
+from agent_tools.runner import PipelineRunner
+from internvl_u_core import InternVLUPipeline
+
+ReturnImages = Literal["none", "thumbnail", "full"]
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    """Bounds the tools enforce on top of their argument schemas."""
+
+    max_input_bytes: int = 20 * 2**20
+    max_input_pixels: int = 25_000_000
+    max_output_side: int = 2048
+    max_output_images: int = 4
+    max_steps: int = 100
+    max_new_tokens: int = 2048
+    max_reasoning_chars: int = 4000
+    """Longer reasoning is cut in the text the agent reads; the artifact keeps it whole."""
+
+
+class InternVLUSession:
+    """One model, one output folder, one set of ids: what a toolkit's tools share.
+
+    Args:
+        model: a loaded `InternVLUPipeline`, or a checkpoint path / hub id loaded on first use.
+        output_dir: where generated and edited images are written as `<image_id>.png`.
+        allowed_dirs: folders (besides `output_dir`) whose image files the agent may read.
+        load_kwargs: extra arguments for `InternVLUPipeline.from_pretrained`.
+        limits: input, output and run-length bounds.
+        return_images: also show new images to the agent's model as image content blocks:
+            `"none"` (text only), `"thumbnail"` or `"full"`.
+        thumbnail_size: longest side of thumbnails, in pixels.
+    """
+
+    def __init__(
+        self,
+        model: InternVLUPipeline | str | os.PathLike[str],
+        output_dir: str | os.PathLike[str],
+        allowed_dirs: Sequence[str | os.PathLike[str]] = (),
+        *,
+        load_kwargs: dict[str, Any] | None = None,
+        limits: ToolLimits | None = None,
+        return_images: ReturnImages = "none",
+        thumbnail_size: int = 256,
+    ) -> None:
+        self.limits = limits or ToolLimits()
+        self.runner = PipelineRunner(model, load_kwargs)
+        self.images = ImageStore(
+            output_dir,
+            allowed_dirs,
+            max_input_bytes=self.limits.max_input_bytes,
+            max_input_pixels=self.limits.max_input_pixels,
+        )
+        self.reasonings = ReasoningStore()
+        if return_images not in ("none", "thumbnail", "full"):
+            msg = f"return_images must be 'none', 'thumbnail' or 'full', got {return_images!r}"
+            raise ValueError(msg)
+        self.return_images: ReturnImages = return_images
+        self.thumbnail_size = thumbnail_size
+
+    def load(self) -> InternVLUPipeline:
+        """Load the model now instead of on the first tool call."""
+        return self.runner.load()
+
+    def add_image(self, source: Any) -> str:
+        """Register an application-supplied image (PIL image or path); return its image_id."""
+        stored = self.images.add(source)
+        assert stored.image_id is not None
+        return stored.image_id

@@ -1,0 +1,77 @@
+"""`InternVLUToolkit`: the four InternVL-U tools over one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from langchain_core.tools import BaseTool, BaseToolkit
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from agent_tools.session import InternVLUSession, ReturnImages, ToolLimits
+from agent_tools.tools import EditImageTool, GenerateImageTool, ReasonTool, UnderstandImageTool
+
+
+class InternVLUToolkit(BaseToolkit):
+    """Understand, reason, generate and edit images with one InternVL-U model.
+
+    Example:
+        ```python
+        toolkit = InternVLUToolkit(
+            model="OpenGVLab/InternVL-U",  # or a loaded InternVLUPipeline
+            output_dir="outputs",
+            allowed_dirs=["uploads"],
+        )
+        agent = create_agent(chat_model, tools=toolkit.get_tools())
+        ```
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: Any = Field(description="A loaded InternVLUPipeline, or a checkpoint path / hub id loaded on first use.")
+    output_dir: Path = Field(description="Folder for generated and edited images (`<image_id>.png`).")
+    allowed_dirs: list[Path] = Field(
+        default_factory=list, description="Folders whose image files the agent may read, besides output_dir."
+    )
+    load_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments for InternVLUPipeline.from_pretrained (device, dtype...)."
+    )
+    limits: ToolLimits = Field(default_factory=ToolLimits, description="Input, output and run-length bounds.")
+    return_images: ReturnImages = Field(
+        default="none",
+        description="Also show new images to the agent's model: 'none', 'thumbnail' or 'full' (base64 PNG blocks).",
+    )
+    thumbnail_size: int = Field(default=256, ge=16, le=2048, description="Longest side of thumbnails.")
+
+    _session: InternVLUSession = PrivateAttr()
+    _tools: list[BaseTool] = PrivateAttr()
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._session = InternVLUSession(
+            self.model,
+            self.output_dir,
+            self.allowed_dirs,
+            load_kwargs=self.load_kwargs,
+            limits=self.limits,
+            return_images=self.return_images,
+            thumbnail_size=self.thumbnail_size,
+        )
+        tool_classes = (UnderstandImageTool, ReasonTool, GenerateImageTool, EditImageTool)
+        self._tools = [tool_class(session=self._session) for tool_class in tool_classes]
+
+    @property
+    def session(self) -> InternVLUSession:
+        """The state the tools share (model runner, image store, reasonings)."""
+        return self._session
+
+    def get_tools(self) -> list[BaseTool]:
+        """Return understand_image, reason, generate_image and edit_image."""
+        return list(self._tools)
+
+    def add_image(self, source: Any) -> str:
+        """Register an application-supplied image (PIL image or path); return its image_id for the agent."""
+        return self._session.add_image(source)
+
+    def load(self) -> Any:
+        """Load the model now instead of on the first tool call; return the pipeline."""
+        return self._session.load()

@@ -1,0 +1,528 @@
+"""InternVL-U agent tools driven by a real LangChain agent, on the tiny checkpoint (CPU).
+
+The agent's chat model is scripted (no LLM); the tools, the toolkit and the core are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import pytest
+from langchain.agents import create_agent
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from PIL import Image
+from pydantic import Field
+
+from agent_tools import PROGRESS_EVENT, InternVLUToolkit
+from internvl_u_core import InternVLUPipeline, ModelLoadError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "internvlu-tiny"
+IMAGE_ID = re.compile(r"img_[0-9a-f]{12}")
+REASONING_ID = re.compile(r"rsn_[0-9a-f]{12}")
+FAST = {"width": 64, "height": 64, "steps": 2}
+
+
+# --------------------------------------------------------------------------------------------
+# A scripted chat model: each step is an AIMessage, or a function of the conversation so far
+# (so a later tool call can use an id that an earlier tool result printed).
+# --------------------------------------------------------------------------------------------
+class ScriptedChatModel(BaseChatModel):
+    """Replays `steps` one per model call and records what it was shown."""
+
+    steps: list[Any]  # AIMessage, or a function (messages so far) -> AIMessage
+    seen: list[list[BaseMessage]] = Field(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> ScriptedChatModel:
+        return self
+
+    def _generate(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None, **kwargs: Any):
+        self.seen.append(list(messages))
+        step = self.steps[len(self.seen) - 1]
+        message = step(messages) if callable(step) else step
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def call(name: str, call_id: str, **args: Any) -> AIMessage:
+    return AIMessage("", tool_calls=[{"name": name, "args": args, "id": call_id, "type": "tool_call"}])
+
+
+def last_tool_text(messages: list[BaseMessage]) -> str:
+    return next(m for m in reversed(messages) if isinstance(m, ToolMessage)).text
+
+
+def tool_messages(result: dict[str, Any]) -> list[ToolMessage]:
+    return [m for m in result["messages"] if isinstance(m, ToolMessage)]
+
+
+def pixels(path: str | Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class ProgressRecorder(BaseCallbackHandler):
+    """Collects the tools' progress events as (tool run id, data)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[UUID, dict[str, Any]]] = []
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if name == PROGRESS_EVENT:
+            self.events.append((run_id, data))
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: one real pipeline per module, a fresh toolkit and folders per test.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pipeline() -> InternVLUPipeline:
+    return InternVLUPipeline.from_pretrained(FIXTURE / "checkpoint", torch_dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    inputs, outputs, outside = tmp_path / "inputs", tmp_path / "outputs", tmp_path / "outside"
+    inputs.mkdir()
+    outside.mkdir()
+    shutil.copy(FIXTURE / "inputs" / "img_fox_80x60.png", inputs / "fox.png")
+    shutil.copy(FIXTURE / "inputs" / "img_lake_70x70.png", outside / "secret.png")
+    return {"inputs": inputs, "outputs": outputs, "outside": outside}
+
+
+@pytest.fixture
+def toolkit(tiny_pipeline: InternVLUPipeline, folders: dict[str, Path]) -> InternVLUToolkit:
+    return InternVLUToolkit(model=tiny_pipeline, output_dir=folders["outputs"], allowed_dirs=[folders["inputs"]])
+
+
+@pytest.fixture
+def lazy_toolkit(folders: dict[str, Path]) -> InternVLUToolkit:
+    """A toolkit over a checkpoint path: the model is loaded only if a job reaches it."""
+    return InternVLUToolkit(
+        model=FIXTURE / "checkpoint", output_dir=folders["outputs"], allowed_dirs=[folders["inputs"]]
+    )
+
+
+def tool(kit: InternVLUToolkit, name: str):
+    return next(t for t in kit.get_tools() if t.name == name)
+
+
+def invoke(kit: InternVLUToolkit, name: str, call_id: str = "call_1", **args: Any) -> ToolMessage:
+    return tool(kit, name).invoke({"name": name, "args": args, "id": call_id, "type": "tool_call"})
+
+
+# --------------------------------------------------------------------------------------------
+# The toolkit's public interface
+# --------------------------------------------------------------------------------------------
+def test_toolkit_offers_four_tools_with_bounded_schemas(lazy_toolkit: InternVLUToolkit) -> None:
+    tools = lazy_toolkit.get_tools()
+    assert [t.name for t in tools] == ["understand_image", "reason", "generate_image", "edit_image"]
+    schema = tool(lazy_toolkit, "generate_image").tool_call_schema.model_json_schema()
+    width = schema["properties"]["width"]["anyOf"][0]
+    assert (width["minimum"], width["maximum"]) == (16, 2048)
+    assert schema["properties"]["steps"]["maximum"] == 100
+    assert schema["required"] == ["prompt"]
+    assert all(t.response_format == "content_and_artifact" and t.handle_tool_error for t in tools)
+    assert not lazy_toolkit.session.runner.is_loaded  # building the tools loads nothing
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: a real agent, scripted model, understand -> generate -> edit by id -> reason
+# --------------------------------------------------------------------------------------------
+def test_agent_understands_generates_edits_by_id_and_reasons(
+    tiny_pipeline: InternVLUPipeline, toolkit: InternVLUToolkit, folders: dict[str, Path]
+) -> None:
+    def edit_generated(messages: list[BaseMessage]) -> AIMessage:
+        generated_id = IMAGE_ID.search(last_tool_text(messages)).group()
+        return call(
+            "edit_image", "call_edit", images=[generated_id], instruction="Make the sky purple", steps=2, seed=7
+        )
+
+    def reason_about_edited(messages: list[BaseMessage]) -> AIMessage:
+        edited_id = IMAGE_ID.findall(last_tool_text(messages))[-1]
+        return call("reason", "call_reason", prompt="Add a scarf to the fox", images=[edited_id], max_new_tokens=8)
+
+    model = ScriptedChatModel(
+        steps=[
+            call("understand_image", "call_understand", images=["fox.png"], question="What is this?", max_new_tokens=8),
+            call("generate_image", "call_generate", prompt="A red fox sitting in the snow", seed=42, **FAST),
+            edit_generated,
+            reason_about_edited,
+            AIMessage("Done."),
+        ]
+    )
+    agent = create_agent(model, tools=toolkit.get_tools())
+    result = agent.invoke({"messages": [HumanMessage("Look at fox.png, draw a fox, edit it, then plan a scarf.")]})
+
+    understood, generated, edited, reasoned = tool_messages(result)
+    assert [m.tool_call_id for m in (understood, generated, edited, reasoned)] == [
+        "call_understand",
+        "call_generate",
+        "call_edit",
+        "call_reason",
+    ]
+    assert all(m.status == "success" for m in (understood, generated, edited, reasoned))
+    assert result["messages"][-1].text == "Done."
+
+    # understand: the answer and the input file
+    assert understood.artifact["input_images"][0]["path"] == str(folders["inputs"] / "fox.png")
+    assert understood.artifact["answer"] in understood.text
+
+    # generate: one 64x64 PNG in the output folder, named in text and artifact
+    new_image = generated.artifact["images"][0]
+    generated_path = Path(new_image["path"])
+    assert generated_path.parent == folders["outputs"].resolve() and generated_path.suffix == ".png"
+    assert Image.open(generated_path).size == (64, 64)
+    assert new_image["image_id"] in generated.text and str(generated_path) in generated.text
+    assert "seed 42" in generated.text
+
+    # edit: took the generated image by id, wrote a new PNG
+    source = edited.artifact["input_images"][0]
+    assert source["image_id"] == new_image["image_id"] and source["path"] == str(generated_path)
+    edited_path = Path(edited.artifact["images"][0]["path"])
+    assert edited_path.is_file() and edited_path != generated_path
+    expected = tiny_pipeline.edit(Image.open(generated_path).convert("RGB"), "Make the sky purple", steps=2, seed=7)
+    assert np.array_equal(pixels(edited_path), np.asarray(expected[0]))
+
+    # reason: a reasoning id over the edited image, and the model saw it in the next turn
+    assert reasoned.artifact["input_images"][0]["image_id"] == edited.artifact["images"][0]["image_id"]
+    assert REASONING_ID.fullmatch(reasoned.artifact["reasoning_id"])
+    assert reasoned.artifact["reasoning_id"] in model.seen[-1][-1].text
+
+    # exactly the two pictures are on disk, nothing half-written
+    assert sorted(p.name for p in folders["outputs"].iterdir()) == sorted([generated_path.name, edited_path.name])
+
+
+def test_generate_follows_an_earlier_reasoning(tiny_pipeline: InternVLUPipeline, toolkit: InternVLUToolkit) -> None:
+    prompt = "A lighthouse that shows hope"
+    reasoned = invoke(toolkit, "reason", prompt=prompt, max_new_tokens=8)
+    reasoning_id = reasoned.artifact["reasoning_id"]
+    assert f"reasoning_id='{reasoning_id}'" in reasoned.text
+
+    generated = invoke(toolkit, "generate_image", prompt=prompt, reasoning_id=reasoning_id, seed=5, **FAST)
+    assert generated.status == "success" and generated.artifact["reasoning_id"] == reasoning_id
+
+    reasoning = tiny_pipeline.reason(prompt, max_new_tokens=8)
+    expected = tiny_pipeline.generate(prompt, reasoning=reasoning, seed=5, **FAST)
+    assert np.array_equal(pixels(generated.artifact["images"][0]["path"]), np.asarray(expected[0]))
+
+
+def test_random_seed_is_reported_and_reproduces(toolkit: InternVLUToolkit) -> None:
+    first = invoke(toolkit, "generate_image", prompt="A blue house", **FAST)
+    seed = first.artifact["seed"]
+    assert f"seed {seed}" in first.text
+    again = invoke(toolkit, "generate_image", prompt="A blue house", seed=seed, **FAST)
+    assert np.array_equal(pixels(first.artifact["images"][0]["path"]), pixels(again.artifact["images"][0]["path"]))
+    assert first.artifact["images"][0]["image_id"] != again.artifact["images"][0]["image_id"]
+
+
+def test_images_go_to_the_model_only_when_asked(tiny_pipeline: InternVLUPipeline, folders: dict[str, Path]) -> None:
+    kit = InternVLUToolkit(
+        model=tiny_pipeline, output_dir=folders["outputs"], return_images="thumbnail", thumbnail_size=32
+    )
+    message = invoke(kit, "generate_image", prompt="A cat", seed=1, **FAST)
+    text, image = message.content
+    assert text["type"] == "text" and IMAGE_ID.search(text["text"])
+    assert image["type"] == "image" and image["mime_type"] == "image/png" and image["base64"]
+    assert image["extras"]["image_id"] == message.artifact["images"][0]["image_id"]
+
+    plain = invoke(
+        InternVLUToolkit(model=tiny_pipeline, output_dir=folders["outputs"]), "generate_image", prompt="A cat"
+    )
+    assert isinstance(plain.content, str) and "base64" not in str(plain.artifact)
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel tool calls: one job at a time, results not mixed up
+# --------------------------------------------------------------------------------------------
+def _parallel_calls() -> AIMessage:
+    calls = [
+        {"name": "generate_image", "args": {"prompt": "A red fox", "seed": 1, **FAST}, "id": "call_a"},
+        {"name": "generate_image", "args": {"prompt": "A red fox", "seed": 2, **FAST}, "id": "call_b"},
+        {
+            "name": "understand_image",
+            "args": {"images": "fox.png", "question": "Describe it.", "max_new_tokens": 6},
+            "id": "call_c",
+        },
+        {
+            "name": "edit_image",
+            "args": {"images": ["fox.png"], "instruction": "Add snow", "seed": 3, **FAST},
+            "id": "call_d",
+        },
+    ]
+    return AIMessage("", tool_calls=[{**c, "type": "tool_call"} for c in calls])
+
+
+def _assert_parallel_results(result: dict[str, Any], recorder: ProgressRecorder, pipe: InternVLUPipeline) -> None:
+    by_call = {m.tool_call_id: m for m in tool_messages(result)}
+    assert set(by_call) == {"call_a", "call_b", "call_c", "call_d"}
+    assert all(m.status == "success" for m in by_call.values())
+    assert (by_call["call_a"].artifact["seed"], by_call["call_b"].artifact["seed"]) == (1, 2)
+    paths = {by_call[c].artifact["images"][0]["path"] for c in ("call_a", "call_b", "call_d")}
+    assert len(paths) == 3
+    for call_id, seed in (("call_a", 1), ("call_b", 2)):
+        alone = pipe.generate("A red fox", seed=seed, **FAST)[0]
+        assert np.array_equal(pixels(by_call[call_id].artifact["images"][0]["path"]), np.asarray(alone))
+    # the model ran one job at a time: each run's progress events form one unbroken block
+    runs = [run_id for run_id, _ in recorder.events]
+    blocks = [run for i, run in enumerate(runs) if i == 0 or runs[i - 1] != run]
+    assert len(blocks) == len(set(blocks)) == 4
+
+
+def test_parallel_tool_calls_are_serialised(tiny_pipeline: InternVLUPipeline, toolkit: InternVLUToolkit) -> None:
+    agent = create_agent(ScriptedChatModel(steps=[_parallel_calls(), AIMessage("ok")]), tools=toolkit.get_tools())
+    recorder = ProgressRecorder()
+    result = agent.invoke({"messages": [HumanMessage("four things at once")]}, config={"callbacks": [recorder]})
+    _assert_parallel_results(result, recorder, tiny_pipeline)
+
+
+@pytest.mark.asyncio
+async def test_async_agent_parallel_calls_do_not_block_the_event_loop(
+    tiny_pipeline: InternVLUPipeline, toolkit: InternVLUToolkit
+) -> None:
+    agent = create_agent(ScriptedChatModel(steps=[_parallel_calls(), AIMessage("ok")]), tools=toolkit.get_tools())
+    recorder = ProgressRecorder()
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    result = await agent.ainvoke({"messages": [HumanMessage("four things at once")]}, config={"callbacks": [recorder]})
+    elapsed = time.perf_counter() - started
+    await asyncio.sleep(0.05)  # let the heartbeat record the gap that spans the end of the run
+    beating.cancel()
+
+    # a blocked loop would show one gap about as long as the whole run
+    assert max(gaps) < elapsed / 2, f"event loop stalled {max(gaps):.2f}s during a {elapsed:.2f}s run"
+    _assert_parallel_results(result, recorder, tiny_pipeline)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and cancellation
+# --------------------------------------------------------------------------------------------
+def test_progress_is_reported_through_callbacks(toolkit: InternVLUToolkit) -> None:
+    recorder = ProgressRecorder()
+    generate = tool(toolkit, "generate_image")
+    generate.invoke(
+        {"prompt": "A tree", "seed": 1, "width": 64, "height": 64, "steps": 3}, config={"callbacks": [recorder]}
+    )
+    steps = [data for _, data in recorder.events if data["stage"] == "denoising"]
+    assert [(d["tool"], d["step"], d["total"]) for d in steps] == [("generate_image", i, 3) for i in (1, 2, 3)]
+
+
+@pytest.mark.asyncio
+async def test_progress_shows_in_astream_events(toolkit: InternVLUToolkit) -> None:
+    generate = tool(toolkit, "generate_image")
+    events = [
+        event
+        async for event in generate.astream_events({"prompt": "A tree", "seed": 1, **FAST}, version="v2")
+        if event["event"] == "on_custom_event" and event["name"] == PROGRESS_EVENT
+    ]
+    assert [e["data"]["step"] for e in events] == [1, 2]
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_task_stops_the_core(
+    toolkit: InternVLUToolkit, folders: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    first_step = asyncio.Event()
+
+    class StepWatcher(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            if data.get("stage") == "denoising":
+                first_step.set()
+
+    generate = tool(toolkit, "generate_image")
+    caplog.set_level(logging.INFO, logger="agent_tools")
+    task = asyncio.create_task(
+        generate.ainvoke(
+            {"prompt": "A slow picture", "seed": 1, "width": 64, "height": 64, "steps": 100},
+            config={"callbacks": [StepWatcher()]},
+        )
+    )
+    await asyncio.wait_for(first_step.wait(), timeout=60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    # the next job queues behind the cancelled one, so once it is done the first has stopped
+    answer = await tool(toolkit, "understand_image").ainvoke(
+        {"images": ["fox.png"], "question": "Hi", "max_new_tokens": 2}
+    )
+    assert answer.startswith("Answer about")
+    assert any("cancelled" in record.getMessage() for record in caplog.records)
+    assert not list(folders["outputs"].glob("*.png"))
+
+
+# --------------------------------------------------------------------------------------------
+# Safety: confined paths, unguessable ids, limits, errors the agent can act on
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "../outside/secret.png",
+        "../../outside/secret.png",
+        "sub/../../outside/secret.png",
+        "/etc/passwd",
+        "/etc/hostname",
+    ],
+)
+def test_paths_outside_the_allowed_folders_are_refused(lazy_toolkit: InternVLUToolkit, ref: str) -> None:
+    message = invoke(lazy_toolkit, "understand_image", images=[ref], question="What is this?")
+    assert message.status == "error"
+    assert "outside the folders this tool may read" in message.text
+    assert not lazy_toolkit.session.runner.is_loaded
+
+
+def test_absolute_path_outside_and_symlink_escapes_are_refused(
+    lazy_toolkit: InternVLUToolkit, folders: dict[str, Path]
+) -> None:
+    secret = folders["outside"] / "secret.png"
+    (folders["inputs"] / "link.png").symlink_to(secret)
+    (folders["inputs"] / "linked_dir").symlink_to(folders["outside"], target_is_directory=True)
+    for ref in (str(secret), "link.png", "linked_dir/secret.png", str(folders["inputs"] / "link.png")):
+        message = invoke(lazy_toolkit, "edit_image", images=[ref], instruction="Make it red")
+        assert message.status == "error" and "outside the folders" in message.text, ref
+    # an "id" planted as a symlink in the output folder is not followed either
+    folders["outputs"].mkdir()
+    (folders["outputs"] / "img_0123456789ab.png").symlink_to(secret)
+    message = invoke(lazy_toolkit, "understand_image", images=["img_0123456789ab"], question="?")
+    assert message.status == "error" and "Cannot open 'img_0123456789ab'" in message.text
+    assert not lazy_toolkit.session.runner.is_loaded
+
+
+def test_unknown_ids_are_refused_with_a_hint(lazy_toolkit: InternVLUToolkit) -> None:
+    for ref in ("img_000000000000", "img_1", "img_fox"):
+        message = invoke(lazy_toolkit, "edit_image", images=[ref], instruction="Make it red")
+        assert message.status == "error"
+        assert f"Unknown image id '{ref}'" in message.text and "earlier tool result" in message.text
+    message = invoke(lazy_toolkit, "generate_image", prompt="A cat", reasoning_id="rsn_000000000000")
+    assert message.status == "error" and "Unknown reasoning id 'rsn_000000000000'" in message.text
+    assert not lazy_toolkit.session.runner.is_loaded
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("missing.png", "No file at 'missing.png'"),
+        ("notes.txt", "is not an image this tool reads"),
+        (".", "is not a regular file"),
+        ("https://example.com/cat.png", "URL or inline data"),
+        ("data:image/png;base64,iVBORw0KGgo=", "URL or inline data"),
+    ],
+)
+def test_bad_inputs_are_explained(
+    lazy_toolkit: InternVLUToolkit, folders: dict[str, Path], ref: str, expected: str
+) -> None:
+    (folders["inputs"] / "notes.txt").write_text("not a picture")
+    message = invoke(lazy_toolkit, "understand_image", images=[ref], question="What is this?")
+    assert message.status == "error" and expected in message.text
+
+
+def test_input_limits_are_enforced(folders: dict[str, Path]) -> None:
+    from agent_tools import ToolLimits
+
+    small = InternVLUToolkit(
+        model=FIXTURE / "checkpoint",
+        output_dir=folders["outputs"],
+        allowed_dirs=[folders["inputs"]],
+        limits=ToolLimits(max_input_bytes=1000, max_input_pixels=1000, max_steps=10),
+    )
+    too_big = invoke(small, "understand_image", images=["fox.png"], question="?")
+    assert too_big.status == "error" and "MiB" in too_big.text and "smaller" in too_big.text
+
+    pixels_limited = InternVLUToolkit(
+        model=FIXTURE / "checkpoint",
+        output_dir=folders["outputs"],
+        allowed_dirs=[folders["inputs"]],
+        limits=ToolLimits(max_input_pixels=1000),
+    )
+    too_many = invoke(pixels_limited, "understand_image", images=["fox.png"], question="?")
+    assert too_many.status == "error" and "80x60 pixels" in too_many.text
+
+    steps = invoke(small, "generate_image", prompt="A cat", steps=50)
+    assert steps.status == "error" and "steps=50 is above this tool's limit of 10" in steps.text
+
+
+def test_bad_arguments_are_explained(lazy_toolkit: InternVLUToolkit) -> None:
+    message = invoke(lazy_toolkit, "generate_image", prompt="A cat", width=5000, steps=0)
+    assert message.status == "error"
+    assert message.text.startswith("Invalid arguments:")
+    assert "width" in message.text and "steps" in message.text
+
+
+def test_core_refusals_become_tool_errors(toolkit: InternVLUToolkit) -> None:
+    message = invoke(toolkit, "generate_image", prompt="A cat\x00", **FAST)
+    assert message.status == "error" and message.text.startswith("The model refused the request:")
+    assert "NUL" in message.text
+
+
+def test_model_path_is_loaded_on_first_use(lazy_toolkit: InternVLUToolkit) -> None:
+    recorder = ProgressRecorder()
+    assert not lazy_toolkit.session.runner.is_loaded
+    message = tool(lazy_toolkit, "generate_image").invoke(
+        {"name": "generate_image", "args": {"prompt": "A cat", "seed": 3, **FAST}, "id": "call_1", "type": "tool_call"},
+        config={"callbacks": [recorder]},
+    )
+    assert message.status == "success" and Path(message.artifact["images"][0]["path"]).is_file()
+    assert lazy_toolkit.session.runner.is_loaded
+    stages = [data["stage"] for _, data in recorder.events]
+    assert stages[0] == "loading" and stages[-1] == "denoising"
+
+
+def test_real_faults_are_not_swallowed(folders: dict[str, Path]) -> None:
+    broken = InternVLUToolkit(model=folders["outside"], output_dir=folders["outputs"])
+    with pytest.raises(ModelLoadError):
+        invoke(broken, "generate_image", prompt="A cat")
+
+
+def test_image_ids_are_random_not_counters(toolkit: InternVLUToolkit) -> None:
+    made = invoke(toolkit, "generate_image", prompt="A cat", seed=1, num_images=3, **FAST)
+    ids = [item["image_id"] for item in made.artifact["images"]]
+    assert len(set(ids)) == 3 and all(IMAGE_ID.fullmatch(i) for i in ids)
+    numbers = sorted(int(i[4:], 16) for i in ids)
+    assert numbers[1] - numbers[0] != 1 or numbers[2] - numbers[1] != 1
+
+
+def test_application_registered_image_gets_an_id(toolkit: InternVLUToolkit, folders: dict[str, Path]) -> None:
+    image_id = toolkit.add_image(folders["outside"] / "secret.png")  # trusted: the application, not the agent
+    message = invoke(toolkit, "understand_image", images=[image_id], question="What is this?", max_new_tokens=2)
+    assert message.status == "success" and message.artifact["input_images"][0]["image_id"] == image_id
+
+
+def test_agent_recovers_from_refusals(lazy_toolkit: InternVLUToolkit, folders: dict[str, Path]) -> None:
+    model = ScriptedChatModel(
+        steps=[
+            call("edit_image", "call_1", images=["../outside/secret.png"], instruction="Make it red"),
+            call("edit_image", "call_2", images=["img_0123456789ab"], instruction="Make it red"),
+            AIMessage("I cannot reach that image."),
+        ]
+    )
+    result = create_agent(model, tools=lazy_toolkit.get_tools()).invoke({"messages": [HumanMessage("edit it")]})
+    outside, unknown = tool_messages(result)
+    assert outside.status == unknown.status == "error"
+    assert "outside the folders" in outside.text and "Unknown image id 'img_0123456789ab'" in unknown.text
+    assert str(folders["outside"]) not in outside.text  # the refusal does not reveal the other folder
+    assert result["messages"][-1].text == "I cannot reach that image."
