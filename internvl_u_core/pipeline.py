@@ -27,6 +27,7 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
+    use_single_frame_convolutions,
 )
 from .textgen import TokenCallback, generate_tokens
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
@@ -80,6 +81,8 @@ class InternVLUPipeline:
         self.codec = LatentCodec(vae) if vae is not None else None
         self._lock = threading.RLock()
         self._offload_device: torch.device | None = None
+        # Skip work whose result the reference throws away (benchmarks switch it off to compare).
+        self.dedupe_guidance_rows = True
         # Tests set this to a callable(name, tensor) to compare every stage with the reference.
         self.recorder: Callable[[str, torch.Tensor], None] | None = None
         tok = processor.token_id
@@ -357,8 +360,9 @@ class InternVLUPipeline:
                 "call reason() with the same images"
             )
         system_prompt = check.optional_text(system_prompt, "system_prompt")
-        if pictures and width is None and height is None:
-            width, height = pictures[0].size
+        if pictures:  # each missing side defaults to the first input image's
+            width = pictures[0].width if width is None else width
+            height = pictures[0].height if height is None else height
         kwargs = {"num_inference_steps": steps, "num_images_per_prompt": num_images, "height": height, "width": width,
                   "all_cfg_scale": all_cfg_scale, "part_cfg_scale": part_cfg_scale,
                   "generator": generator if generator is not None else check.seed_generator(seed)}
@@ -455,17 +459,25 @@ class InternVLUPipeline:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
         decoder_config = self.generation_decoder.config
         vlm_device = self._activate(self.vlm)
-        pixel_values = batch.pixel_values.to(vlm_device) if batch.pixel_values is not None else None
-        features = self.vlm.hidden_states_for_generation(
-            input_ids.to(vlm_device), attention_mask.to(vlm_device), pixel_values, list(decoder_config.vlm_select_layer)
-        )
-        spans = conditioning_spans(
-            features, input_ids.to(vlm_device), attention_mask.to(vlm_device),
-            im_start_id=self.im_start_id, image_context_id=self.image_context_id,
-        )
         n = batch.num_prompts
         counts = batch.images_per_prompt
         rows = 3 * n
+        image_features = None
+        if batch.pixel_values is not None:
+            # Both image-carrying row groups hold the same images: run the ViT once.
+            unique = sum(counts)
+            vit_dtype = self.vlm.vision_model.embeddings.patch_embedding.weight.dtype
+            features = self.vlm.extract_feature(batch.pixel_values[:unique].to(vlm_device, vit_dtype))
+            image_features = torch.cat([features, features])
+        input_ids, attention_mask = input_ids.to(vlm_device), attention_mask.to(vlm_device)
+        # Identical rows without images (text-to-image's two dropped rows) go through the LLM once.
+        keep, source = _unique_text_rows(input_ids, attention_mask, self.image_context_id, self.dedupe_guidance_rows)
+        features = self.vlm.hidden_states_for_generation(
+            input_ids[keep], attention_mask[keep], image_features, list(decoder_config.vlm_select_layer)
+        )[source]
+        spans = conditioning_spans(
+            features, input_ids, attention_mask, im_start_id=self.im_start_id, image_context_id=self.image_context_id
+        )
         # ViT grid per input image of a row (h, w after pixel shuffle).
         side = 0
         if batch.pixel_values is not None:
@@ -490,6 +502,9 @@ class InternVLUPipeline:
                     reference_grids[row] = grids[cursor : cursor + k]
                 cursor += k
         return {
+            # With no input images the two dropped rows are the same prompt: the decoder runs them once.
+            "uncond_equals_part": self.dedupe_guidance_rows and not any(counts) and torch.equal(input_ids[n : 2 * n], input_ids[2 * n :])
+            and torch.equal(attention_mask[n : 2 * n], attention_mask[2 * n :]),
             "spans": spans,
             "image_fhw": image_fhw,
             "references": references,
@@ -507,7 +522,8 @@ class InternVLUPipeline:
         n, copies = batch.num_prompts, settings["num_images_per_prompt"]
         h_gen, w_gen = batch.gen_size
         # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m].
-        order = [r for r in range(3 * n) for _ in range(copies)]
+        groups = 2 if cond["uncond_equals_part"] else 3
+        order = [r for r in range(groups * n) for _ in range(copies)]
         spans = [cond["spans"][r] for r in order]
         hidden, text_mask, image_mask = decoder.prepare_forward_input(
             [s[0].to(device, dtype) for s in spans], [s[1].to(device) for s in spans]
@@ -534,28 +550,32 @@ class InternVLUPipeline:
         latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
         self._record("diffusion.initial_latents", latents)
         if self.recorder is not None:
-            for k, (states, image_mask_k) in enumerate(spans):
+            for k, (states, image_mask_k) in enumerate(cond["spans"]):
                 self._record(f"cond.encoder_hidden_states.{k}", states)
                 self._record(f"cond.encoder_image_token_mask.{k}", image_mask_k)
             for name, value in (("encoder_hidden_states", hidden), ("encoder_attention_mask", text_mask),
                                 ("encoder_image_token_mask", image_mask)):
+                if groups == 2:  # show the deduplicated row as the reference's third group
+                    value = torch.cat([value, value[n * copies :]])
                 self._record(f"decoder_step0.{name}", value)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings["num_inference_steps"], device=device)
         timestep_scale = decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
-            model_input = torch.cat([latents] * 3).to(dtype)
+            model_input = torch.cat([latents] * groups).to(dtype)
             timestep = t.expand(model_input.shape[0]).to(torch.float32) * timestep_scale
             prediction = decoder.decoder.forward_with_context(model_input, timestep, context).to(torch.float32)
+            if groups == 2:  # the dropped rows were identical: reuse the part prediction for uncond
+                prediction = torch.cat([prediction, prediction[latents.shape[0] :]])
             v_full, v_part, v_uncond = prediction.chunk(3)
             guided = combine_guidance(
                 v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"]
             )
             if self.recorder is not None:
                 if index == 0:
-                    self._record("decoder_step0.hidden_states", model_input)
-                    self._record("decoder_step0.timestep", timestep)
+                    self._record("decoder_step0.hidden_states", torch.cat([latents] * 3))
+                    self._record("decoder_step0.timestep", timestep[:1].expand(3 * latents.shape[0]))
                     self._record("decoder_step0.output", prediction)
                 for name, value in (("timestep", t), ("raw_noise_pred", prediction), ("guided_noise_pred", guided),
                                     ("latents_before_step", latents)):
@@ -576,6 +596,26 @@ class InternVLUPipeline:
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
         return pictures
+
+
+def _unique_text_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_context_id: int, enabled=True):
+    """Rows to compute and, for every row, its position among them (rows with images are all kept)."""
+    if not enabled:
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return rows, rows
+    keep: list[int] = []
+    source: list[int] = []
+    seen: dict[tuple, int] = {}
+    for row in range(input_ids.shape[0]):
+        if (input_ids[row] == image_context_id).any():
+            key = ("image", row)
+        else:
+            key = (tuple(input_ids[row].tolist()), tuple(attention_mask[row].tolist()))
+        if key not in seen:
+            seen[key] = len(keep)
+            keep.append(row)
+        source.append(seen[key])
+    return torch.tensor(keep, device=input_ids.device), torch.tensor(source, device=input_ids.device)
 
 
 def _build_on_meta(factory):
@@ -621,6 +661,7 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
         vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
+    use_single_frame_convolutions(vae)
     return vae.to(device).eval()
 
 

@@ -138,8 +138,14 @@ class InternVLUChatModel(nn.Module):
         return self.mlp1(self.pixel_shuffle(grid))
 
     # -- prompt embeddings -------------------------------------------------------------------
-    def embed_prompt(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with the special-token table applied and image slots filled."""
+    def embed_prompt(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with the special-token table applied and image slots filled.
+
+        ``image_features`` (from :meth:`extract_feature`) may replace ``pixel_values`` when the caller
+        already has them, e.g. to encode an image used by several rows only once.
+        """
         embed = self.language_model.get_input_embeddings()
         embeds = embed(input_ids)
         table = self.special_token_embedding.weight.to(embeds.dtype)
@@ -151,9 +157,11 @@ class InternVLUChatModel(nn.Module):
             where = input_ids == token_id
             if where.any():
                 embeds[where] = table[row]
-        if pixel_values is not None and pixel_values.shape[0] > 0:
+        if image_features is None and pixel_values is not None and pixel_values.shape[0] > 0:
             vit_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
-            features = self.extract_feature(pixel_values.to(vit_dtype))
+            image_features = self.extract_feature(pixel_values.to(vit_dtype))
+        if image_features is not None:
+            features = image_features
             slots = input_ids == self.image_context_id
             features = features.reshape(-1, features.shape[-1]).to(embeds.dtype)
             if int(slots.sum()) != features.shape[0]:
@@ -165,11 +173,11 @@ class InternVLUChatModel(nn.Module):
         return embeds
 
     def hidden_states_for_generation(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
         layers: list[int],
     ) -> torch.Tensor:
         """One LLM pass (positions 0…L-1, no LM head); the chosen hidden states concatenated on channels."""
-        embeds = self.embed_prompt(input_ids, pixel_values)
+        embeds = self.embed_prompt(input_ids, None, image_features)
         out = self.language_model.model(
             inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
         )

@@ -1,0 +1,134 @@
+"""The object that flows through ``INTERNVLU_MODEL`` sockets.
+
+It holds the loader's settings and a lazily (re)loaded pipeline, so the model can be unloaded
+(even from RAM) while ComfyUI keeps the loader's output cached; the next job reloads it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from . import memory
+from .comfy_runtime import resolve_devices, resolve_dtype
+from .core_import import core
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+KEEP_LOADED = "keep_loaded"
+OFFLOAD_AFTER_RUN = "offload_after_run"
+CPU_OFFLOAD = "cpu_offload"
+MEMORY_MODES = (KEEP_LOADED, OFFLOAD_AFTER_RUN, CPU_OFFLOAD)
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Everything that identifies a loaded model."""
+
+    path: str
+    dtype: str = "auto"
+    device: str = "auto"
+    memory: str = KEEP_LOADED
+
+
+class InternVLUModel:
+    """A loaded (or unloadable) InternVL-U pipeline plus its place in ComfyUI's memory manager."""
+
+    def __init__(self, settings: LoadSettings) -> None:
+        self.settings = settings
+        self._pipe: Any = None
+        self._patcher: Any = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._pipe is not None else "not loaded"
+        return f"InternVLUModel({self.settings.path!r}, {state})"
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the weights are in memory (on any device)."""
+        return self._pipe is not None
+
+    @property
+    def patcher(self) -> Any:
+        """The ComfyUI ModelPatcher registered for this model (None outside ComfyUI)."""
+        return self._patcher
+
+    def pipeline(self) -> Any:
+        """The core pipeline, loading the weights if needed."""
+        with self._lock:
+            if self._pipe is None:
+                self._load()
+            return self._pipe
+
+    def _load(self) -> None:
+        load_device, offload_device = resolve_devices(self.settings.device)
+        dtype = resolve_dtype(self.settings.dtype, load_device)
+        log.info("InternVL-U: loading %s (%s) for %s", self.settings.path, dtype, load_device)
+        pipe = core().InternVLUPipeline.from_pretrained(
+            self.settings.path, torch_dtype=dtype, device=str(offload_device)
+        )
+        self._load_device, self._offload_device = load_device, offload_device
+        if self.settings.memory == CPU_OFFLOAD and load_device.type != "cpu":
+            pipe.enable_model_cpu_offload(device=str(load_device))
+        else:
+            self._patcher = memory.make_patcher(pipe, load_device, offload_device)
+        self._pipe = pipe
+
+    @contextmanager
+    def use(self) -> Iterator[Any]:
+        """The pipeline on its run device for one job; offloads afterwards if so configured."""
+        with self._lock:
+            pipe = self.pipeline()
+            if self._patcher is not None:
+                memory.load(self._patcher)
+            elif self.settings.memory != CPU_OFFLOAD or self._load_device.type == "cpu":
+                pipe.to(str(self._load_device))
+            try:
+                yield pipe
+            finally:
+                if self.settings.memory == OFFLOAD_AFTER_RUN:
+                    self.offload()
+
+    def offload(self) -> None:
+        """Free the accelerator: move the weights to the offload device (they stay in RAM)."""
+        with self._lock:
+            if self._pipe is None:
+                return
+            if self._patcher is not None:
+                memory.unload(self._patcher)
+            elif self.settings.memory == CPU_OFFLOAD and self._load_device.type != "cpu":
+                self._pipe.enable_model_cpu_offload(device=str(self._load_device))  # all parts to RAM
+            else:
+                self._pipe.to(str(self._offload_device))
+            memory.empty_cache()
+
+    def release(self) -> None:
+        """Free the weights entirely; the next job loads them again from disk."""
+        with self._lock:
+            self.offload()
+            self._pipe = None
+            self._patcher = None
+            gc.collect()
+            memory.empty_cache()
+
+
+_models: weakref.WeakValueDictionary[LoadSettings, InternVLUModel] = weakref.WeakValueDictionary()
+_models_lock = threading.Lock()
+
+
+def get_model(settings: LoadSettings) -> InternVLUModel:
+    """The shared model for these settings: loaders with equal settings reuse one copy."""
+    with _models_lock:
+        model = _models.get(settings)
+        if model is None:
+            model = InternVLUModel(settings)
+            _models[settings] = model
+        return model

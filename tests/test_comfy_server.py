@@ -1,0 +1,297 @@
+"""The pack inside a real ComfyUI server, driven over HTTP on 127.0.0.1.
+
+Runs only when ``COMFYUI_PATH`` points at a ComfyUI checkout (>= 0.3.48) whose Python
+(``COMFYUI_PYTHON``, default: this interpreter) has ComfyUI's requirements and the pack's.
+The server loads only this pack (``--disable-all-custom-nodes --whitelist-custom-nodes``), finds
+the tiny checkpoint through ``extra_model_paths.yaml`` and runs every API workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from nodes import all_specs  # noqa: E402
+from workflows.tools.core_nodes import CORE_NODES  # noqa: E402
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+PACK_NAME = "ComfyUI-InternVL-U"
+TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
+API_DIR = ROOT / "workflows" / "api"
+WORKFLOW_NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
+FAST = {
+    "InternVLU_Understand": {"max_new_tokens": 8},
+    "InternVLU_Reason": {"max_new_tokens": 8},
+    "InternVLU_Generate": {"width": 64, "height": 64, "steps": 2},
+    "InternVLU_Edit": {"steps": 2},
+}
+
+pytestmark = pytest.mark.skipif(
+    not (COMFYUI_PATH and (Path(COMFYUI_PATH) / "main.py").is_file()),
+    reason="set COMFYUI_PATH to a ComfyUI checkout to run the real-server test",
+)
+
+
+class Server:
+    """A ComfyUI process on a free loopback port, with its own input/output/model folders."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.log_path = base / "server.log"
+        self.output = base / "output"
+        self.url = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        custom_nodes = self.base / "custom_nodes"
+        models = self.base / "models" / "internvl_u"
+        for folder in (custom_nodes, models, self.base / "input", self.output, self.base / "temp"):
+            folder.mkdir(parents=True)
+        (custom_nodes / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+        (models / "InternVL-U").symlink_to(TINY / "checkpoint", target_is_directory=True)
+        shutil.copy(TINY / "inputs" / "img_fox_80x60.png", self.base / "input" / "example.png")
+        config = self.base / "extra_model_paths.yaml"
+        config.write_text(f"internvlu_test:\n    custom_nodes: {custom_nodes}\n    internvl_u: {models}\n")
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        command = [
+            COMFYUI_PYTHON,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+            "--database-url",
+            "sqlite:///:memory:",
+            "--input-directory",
+            str(self.base / "input"),
+            "--output-directory",
+            str(self.output),
+            "--temp-directory",
+            str(self.base / "temp"),
+            "--extra-model-paths-config",
+            str(config),
+            "--disable-api-nodes",
+            "--disable-all-custom-nodes",
+            "--whitelist-custom-nodes",
+            PACK_NAME,
+            "--preview-method",
+            "auto",
+        ]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited early:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not start:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"null")
+
+    def queue(self, prompt: dict[str, Any]) -> str:
+        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        assert status == 200, reply
+        assert reply["node_errors"] == {}
+        return reply["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.25)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.log()[-4000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fast_prompt(name: str, **changes: dict[str, Any]) -> dict[str, Any]:
+    prompt = json.loads((API_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    for node in prompt.values():
+        for key, value in {**FAST.get(node["class_type"], {}), **changes.get(node["class_type"], {})}.items():
+            if not isinstance(node["inputs"].get(key), list):
+                node["inputs"][key] = value
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    instance = Server(tmp_path_factory.mktemp("comfyui"))
+    try:
+        instance.start()
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_pack_loads_cleanly(server: Server) -> None:
+    log = server.log()
+    pack_lines = [line for line in log.splitlines() if PACK_NAME in line]
+    assert any("seconds" in line for line in pack_lines), "pack missing from import times"
+    assert not [line for line in pack_lines if "IMPORT FAILED" in line or "Error" in line]
+
+
+def test_object_info_lists_every_node(server: Server) -> None:
+    info = server.get("/object_info")
+    for spec in all_specs():
+        node = info[spec.node_id]
+        assert node["category"] == "InternVL-U"
+        assert node["display_name"] == spec.display_name
+        assert node["output"] == [o.type for o in spec.outputs]
+        assert node["output_name"] == [o.name for o in spec.outputs]
+        assert node["output_tooltips"] == [o.tooltip for o in spec.outputs]
+        served = {**node["input"]["required"], **node["input"].get("optional", {})}
+        for inp in spec.inputs:
+            kind, options = served[inp.name][0], served[inp.name][1]
+            assert options.get("tooltip") == inp.tooltip
+            if inp.type == "COMBO":
+                choices = kind if isinstance(kind, list) else options["options"]
+                assert choices == inp.option_list() or inp.name == "checkpoint"
+            else:
+                assert kind == inp.type
+    assert "InternVL-U" in info["InternVLU_Loader"]["input"]["required"]["checkpoint"][1].get(
+        "options", info["InternVLU_Loader"]["input"]["required"]["checkpoint"][0]
+    )
+    for name, core in CORE_NODES.items():  # the table the workflow tests rely on
+        node = info[name]
+        order = node["input_order"]["required"] + node["input_order"].get("optional", [])
+        assert order == [n for n, _ in core["inputs"]]
+        assert node["output"] == [t for _, t in core["outputs"]]
+
+
+def test_frontend_assets_and_templates_are_served(server: Server) -> None:
+    assert any(path.endswith("/internvlu_text.js") for path in server.get("/extensions"))
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[PACK_NAME]) == WORKFLOW_NAMES  # workflows/ui|api are not listed
+    for name in WORKFLOW_NAMES:
+        for suffix in (".json", ".jpg"):
+            url = f"{server.url}/api/workflow_templates/{PACK_NAME}/{name}{suffix}"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                assert response.status == 200
+
+
+def test_seed_widgets_keep_their_control_mode(server: Server) -> None:
+    info = server.get("/object_info")
+    assert info["InternVLU_Generate"]["input"]["required"]["seed"][1]["control_after_generate"] == "randomize"
+    assert info["InternVLU_Understand"]["input"]["required"]["seed"][1]["control_after_generate"] == "fixed"
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_api_workflow_completes(server: Server, name: str) -> None:
+    prompt = fast_prompt(name)
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    outputs = entry["outputs"]
+    for node_id, node in prompt.items():
+        kind = node["class_type"]
+        if kind in ("InternVLU_Understand", "InternVLU_Reason"):
+            texts = outputs[node_id]["text"]
+            assert len(texts) == 1 and isinstance(texts[0], str) and texts[0]
+        if kind == "SaveImage":
+            images = outputs[node_id]["images"]
+            assert images and all(i["type"] == "output" for i in images)
+            for image in images:
+                assert (server.output / image["subfolder"] / image["filename"]).is_file()
+
+
+def test_interrupt_stops_a_running_generation(server: Server) -> None:
+    server.wait(server.queue(fast_prompt("internvlu_text_to_image")))  # model loaded and cached
+    long_run = fast_prompt("internvlu_text_to_image", InternVLU_Generate={"steps": 200, "seed": 5})
+    prompt_id = server.queue(long_run)
+    deadline = time.monotonic() + 60
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2.0)
+    started = time.monotonic()
+    server.post("/interrupt", {})
+    entry = server.wait(prompt_id, timeout=60)
+    assert time.monotonic() - started < 20
+    events = {event: data for event, data in entry["status"]["messages"]}
+    assert "execution_interrupted" in events, entry["status"]
+    generate_node = next(i for i, n in long_run.items() if n["class_type"] == "InternVLU_Generate")
+    assert events["execution_interrupted"]["node_id"] == generate_node
+    again = server.wait(server.queue(fast_prompt("internvlu_image_qa")))
+    assert again["status"]["status_str"] == "success"
+
+
+def _loads(server: Server) -> int:
+    return server.log().count("Requested to load PipelineModules")
+
+
+def test_unload_models_unregisters_and_the_next_run_reloads(server: Server) -> None:
+    """ComfyUI's "Unload models" reaches our ModelPatcher; the cached loader output still works."""
+    server.wait(server.queue(fast_prompt("internvlu_edit")))
+    loads = _loads(server)
+    assert server.post("/free", {"unload_models": True})[0] == 200
+    time.sleep(0.5)  # let the worker apply the flag before the next prompt arrives
+    entry = server.wait(server.queue(fast_prompt("internvlu_edit", InternVLU_Edit={"seed": 98})))
+    assert entry["status"]["status_str"] == "success"
+    assert _loads(server) == loads + 1  # unloaded by ComfyUI, so loaded again
+
+
+def test_free_memory_drops_the_model_and_the_next_run_reloads(server: Server) -> None:
+    loads = server.log().count("InternVL-U: loading")
+    assert server.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
+    time.sleep(0.5)
+    entry = server.wait(server.queue(fast_prompt("internvlu_edit", InternVLU_Edit={"seed": 99})))
+    assert entry["status"]["status_str"] == "success"
+    assert server.log().count("InternVL-U: loading") == loads + 1  # read from disk again

@@ -1,0 +1,1 @@
+"""Tools that write the workflow files (``python -m workflows.tools.build``)."""

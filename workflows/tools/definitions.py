@@ -1,0 +1,269 @@
+"""The example workflows, each declared once; ``build`` writes the UI and API files from these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_FOLDER = "InternVL-U"
+EXAMPLE_IMAGE = "example.png"  # ships in ComfyUI's input/ folder
+
+
+@dataclass(frozen=True)
+class Link:
+    """An input fed by output ``slot`` of node ``node``."""
+
+    node: int
+    slot: int = 0
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    title: str
+    description: str
+    nodes: list[Node]
+
+
+def _loader(node_id: int = 1) -> Node:
+    return Node(
+        node_id,
+        "InternVLU_Loader",
+        {
+            "checkpoint": MODEL_FOLDER,
+            "dtype": "auto",
+            "device": "auto",
+            "memory": "keep_loaded",
+            "allow_download": False,
+        },
+    )
+
+
+def _load_image(node_id: int, title: str = "Load Image") -> Node:
+    return Node(node_id, "LoadImage", {"image": EXAMPLE_IMAGE}, title=title)
+
+
+def _text_controls(max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "num_beams": 1,
+        "seed": 0,
+    }
+
+
+def _image_controls(width: int, height: int, seed: int) -> dict[str, Any]:
+    return {
+        "width": width,
+        "height": height,
+        "steps": 20,
+        "all_cfg_scale": 0.0,
+        "part_cfg_scale": 0.0,
+        "seed": seed,
+        "batch_size": 1,
+    }
+
+
+def _save(node_id: int, source: int, prefix: str) -> Node:
+    return Node(node_id, "SaveImage", {"images": Link(source), "filename_prefix": prefix})
+
+
+IMAGE_QA = Workflow(
+    "internvlu_image_qa",
+    "InternVL-U: image question answering",
+    "Ask a question about an image. The answer is shown on the Understand node.",
+    [
+        _loader(),
+        _load_image(2),
+        Node(
+            3,
+            "InternVLU_Understand",
+            {
+                "model": Link(1),
+                "image": Link(2),
+                "question": "Describe this image in detail.",
+                **_text_controls(256),
+            },
+        ),
+    ],
+)
+
+MULTI_IMAGE = Workflow(
+    "internvlu_multi_image_compare",
+    "InternVL-U: compare several images",
+    "Several images in one question: an IMAGE batch (here an image and its inverted copy, "
+    "joined by Batch Images) is asked about as a whole. Images of different sizes can go "
+    "to Understand's 'more_images' input instead.",
+    [
+        _loader(),
+        _load_image(2),
+        Node(3, "ImageInvert", {"image": Link(2)}),
+        Node(4, "ImageBatch", {"image1": Link(2), "image2": Link(3)}),
+        Node(
+            5,
+            "InternVLU_Understand",
+            {
+                "model": Link(1),
+                "image": Link(4),
+                "question": "These are two pictures. Tell me the difference between them.",
+                **_text_controls(256),
+            },
+        ),
+    ],
+)
+
+TEXT_TO_IMAGE = Workflow(
+    "internvlu_text_to_image",
+    "InternVL-U: text to image",
+    "Generate an image from a prompt.",
+    [
+        _loader(),
+        Node(
+            2,
+            "InternVLU_Generate",
+            {
+                "model": Link(1),
+                "prompt": "A red fox sitting in the snow under a pine tree, morning light",
+                **_image_controls(1024, 1024, 42),
+            },
+        ),
+        _save(3, 2, "InternVL-U/t2i"),
+    ],
+)
+
+REASONING_TEXT_TO_IMAGE = Workflow(
+    "internvlu_reasoning_text_to_image",
+    "InternVL-U: reasoning-guided text to image",
+    "The Reason node thinks about the prompt first; Generate draws guided by that chain of "
+    "thought (the model's text_image mode). Generate's prompt is left empty, so it uses the "
+    "prompt the reasoning was made for.",
+    [
+        _loader(),
+        Node(
+            2,
+            "InternVLU_Reason",
+            {
+                "model": Link(1),
+                "prompt": "Generate a picture that shows hope growing.",
+                **_text_controls(200),
+            },
+        ),
+        Node(
+            3,
+            "InternVLU_Generate",
+            {
+                "model": Link(1),
+                "prompt": "",
+                **_image_controls(1024, 1024, 42),
+                "reasoning": Link(2, 0),
+            },
+        ),
+        _save(4, 3, "InternVL-U/reasoning_t2i"),
+    ],
+)
+
+EDIT = Workflow(
+    "internvlu_edit",
+    "InternVL-U: image editing",
+    "Edit an image following an instruction. Width and height 0 keep the input's size.",
+    [
+        _loader(),
+        _load_image(2),
+        Node(
+            3,
+            "InternVLU_Edit",
+            {
+                "model": Link(1),
+                "image": Link(2),
+                "instruction": "Make the sky purple and add a glowing moon.",
+                **_image_controls(0, 0, 123),
+            },
+        ),
+        _save(4, 3, "InternVL-U/edit"),
+    ],
+)
+
+REASONING_EDIT = Workflow(
+    "internvlu_reasoning_edit",
+    "InternVL-U: reasoning-guided editing",
+    "The Reason node, given the same image, thinks about the edit first; Edit follows that "
+    "chain of thought. Edit's instruction is left empty, so it uses the reasoning's.",
+    [
+        _loader(),
+        _load_image(2),
+        Node(
+            3,
+            "InternVLU_Reason",
+            {
+                "model": Link(1),
+                "prompt": "Make this picture look like it was taken in winter.",
+                **_text_controls(200),
+                "image": Link(2),
+            },
+        ),
+        Node(
+            4,
+            "InternVLU_Edit",
+            {
+                "model": Link(1),
+                "image": Link(2),
+                "instruction": "",
+                **_image_controls(0, 0, 123),
+                "reasoning": Link(3, 0),
+            },
+        ),
+        _save(5, 4, "InternVL-U/reasoning_edit"),
+    ],
+)
+
+DESCRIBE_THEN_EDIT = Workflow(
+    "internvlu_describe_then_edit",
+    "InternVL-U: describe, then edit",
+    "Understand writes an edit instruction for the image; its answer is wired into Edit's instruction.",
+    [
+        _loader(),
+        _load_image(2),
+        Node(
+            3,
+            "InternVLU_Understand",
+            {
+                "model": Link(1),
+                "image": Link(2),
+                "question": "Suggest one short instruction that would make this picture more "
+                "dramatic. Answer with the instruction only.",
+                **_text_controls(64),
+            },
+        ),
+        Node(
+            4,
+            "InternVLU_Edit",
+            {
+                "model": Link(1),
+                "image": Link(2),
+                "instruction": Link(3, 0),
+                **_image_controls(0, 0, 7),
+            },
+        ),
+        _save(5, 4, "InternVL-U/describe_edit"),
+    ],
+)
+
+WORKFLOWS = [
+    IMAGE_QA,
+    MULTI_IMAGE,
+    TEXT_TO_IMAGE,
+    REASONING_TEXT_TO_IMAGE,
+    EDIT,
+    REASONING_EDIT,
+    DESCRIBE_THEN_EDIT,
+]
