@@ -173,6 +173,15 @@ class InternVLUPipeline:
                 module.to("cpu")
             self._offload_device = device
 
+    def enable_vae_tiling(self, enabled: bool = True) -> None:
+        """Decode/encode large images in overlapping tiles to cap VAE memory (results differ slightly at seams)."""
+        if self.vae is None:
+            return
+        if enabled:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+
     def model_size_bytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
