@@ -83,6 +83,7 @@ class InternVLUPipeline:
         self._offload_device: torch.device | None = None
         # Skip work whose result the reference throws away (benchmarks switch it off to compare).
         self.dedupe_guidance_rows = True
+        self.limits = check.Limits()
         # Tests set this to a callable(name, tensor) to compare every stage with the reference.
         self.recorder: Callable[[str, torch.Tensor], None] | None = None
         tok = processor.token_id
@@ -218,19 +219,21 @@ class InternVLUPipeline:
     ) -> InternVLUPipelineOutput:
         """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
         mode = check.generation_mode(generation_mode)
-        prompts, images = check.prompts_and_images(prompt, image, mode)
-        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        prompts, images = check.prompts_and_images(prompt, image, mode, self.limits)
+        system_prompt = check.system_prompt(system_prompt, self.limits)
         text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
         with self._lock:
             if mode == "text":
-                text_kwargs = check.text_kwargs(text_kwargs, default_max_new_tokens=None)
+                text_kwargs = check.text_kwargs(text_kwargs, default_max_new_tokens=None, limits=self.limits)
                 ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
                 return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
             self._require_generation()
             settings = self._diffusion_settings(mode, diffusion_kwargs, images)
             reasoning_ids = None
             if mode == "text_image":
-                text_kwargs = check.text_kwargs(text_kwargs, default_max_new_tokens=MODE_DEFAULTS[mode]["max_new_tokens"])
+                text_kwargs = check.text_kwargs(
+                    text_kwargs, default_max_new_tokens=MODE_DEFAULTS[mode]["max_new_tokens"], limits=self.limits
+                )
                 reasoning_ids = self._generate_text(
                     prompts, images, "text_image", system_prompt, text_kwargs, None, token_callback
                 )
@@ -259,15 +262,16 @@ class InternVLUPipeline:
         token_callback: TokenCallback | None = None,
     ) -> str:
         """Answer ``question`` about zero, one or several images."""
-        question = check.text(question, "question")
-        pictures = check.image_list(images, "images", allow_empty=True)
+        question = check.text(question, "question", self.limits)
+        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         kwargs = check.text_kwargs(
             {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
              "top_p": top_p, "num_beams": num_beams},
             default_max_new_tokens=None,
+            limits=self.limits,
         )
         seed = check.optional_seed(seed)
-        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        system_prompt = check.system_prompt(system_prompt, self.limits)
         with self._lock:
             ids = self._generate_text([question], [pictures], "text", system_prompt, kwargs, seed, token_callback)
         return self._decode(ids)[0]
@@ -287,15 +291,16 @@ class InternVLUPipeline:
         token_callback: TokenCallback | None = None,
     ) -> Reasoning:
         """The chain-of-thought the model writes before drawing (``text_image`` mode's first stage)."""
-        prompt = check.text(prompt, "prompt")
-        pictures = check.image_list(images, "images", allow_empty=True)
+        prompt = check.text(prompt, "prompt", self.limits)
+        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         kwargs = check.text_kwargs(
             {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
              "top_p": top_p, "num_beams": num_beams},
             default_max_new_tokens=None,
+            limits=self.limits,
         )
         seed = check.optional_seed(seed)
-        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        system_prompt = check.system_prompt(system_prompt, self.limits)
         with self._lock:
             ids = self._generate_text([prompt], [pictures], "text_image", system_prompt, kwargs, seed, token_callback)
         return Reasoning(
@@ -323,7 +328,7 @@ class InternVLUPipeline:
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
         """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
-        prompt = check.text(prompt, "prompt")
+        prompt = check.text(prompt, "prompt", self.limits)
         return self._draw(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, seed, generator,
                           num_images, reasoning, system_prompt, callback)
 
@@ -345,8 +350,8 @@ class InternVLUPipeline:
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
         """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
-        instruction = check.text(instruction, "instruction")
-        pictures = check.image_list(images, "images", allow_empty=False)
+        instruction = check.text(instruction, "instruction", self.limits)
+        pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
         return self._draw(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, seed,
                           generator, num_images, reasoning, system_prompt, callback)
 
@@ -368,7 +373,7 @@ class InternVLUPipeline:
                 f"reasoning was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
                 "call reason() with the same images"
             )
-        system_prompt = check.optional_text(system_prompt, "system_prompt")
+        system_prompt = check.system_prompt(system_prompt, self.limits)
         if pictures:  # each missing side defaults to the first input image's
             width = pictures[0].width if width is None else width
             height = pictures[0].height if height is None else height
@@ -413,8 +418,8 @@ class InternVLUPipeline:
             height, width = config.gen_image_height, config.gen_image_width
         height = height if height is not None else width
         width = width if width is not None else height
-        settings["height"], settings["width"] = check.image_size(height, width)
-        settings["num_inference_steps"] = check.steps(settings["num_inference_steps"])
+        settings["height"], settings["width"] = check.image_size(height, width, self.limits)
+        settings["num_inference_steps"] = check.steps(settings["num_inference_steps"], self.limits)
         settings["num_images_per_prompt"] = check.count(settings.get("num_images_per_prompt", 1), "num_images_per_prompt")
         settings["all_cfg_scale"] = check.finite(settings["all_cfg_scale"], "all_cfg_scale")
         settings["part_cfg_scale"] = check.finite(settings["part_cfg_scale"], "part_cfg_scale")
@@ -432,18 +437,28 @@ class InternVLUPipeline:
         if batch.pixel_values is not None:
             count = sum(batch.images_per_prompt)
             pixel_values = batch.pixel_values[:count].to(device)
-        check.prompt_length(input_ids.shape[1], text_kwargs.get("max_new_tokens", 20), self.max_context, "prompt")
+        check.prompt_length(input_ids.shape[1], text_kwargs.get("max_new_tokens", 20), self.max_prompt_tokens, "prompt")
         return generate_tokens(
             self.vlm, input_ids, attention_mask, pixel_values,
             stop_ids=[self.eos_id, self.img_id], gen_kwargs=text_kwargs, seed=seed, token_callback=token_callback,
         ).cpu()
 
     @property
-    def max_context(self) -> int:
-        return int(getattr(self.vlm.language_model.config, "max_position_embeddings", 32768))
+    def max_prompt_tokens(self) -> int:
+        context = int(getattr(self.vlm.language_model.config, "max_position_embeddings", 32768))
+        return min(context, self.limits.max_prompt_tokens or context)
+
+    def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
+        try:
+            return self._generate_images_unsafe(prompts, images, system_prompt, settings, reasoning_ids, callback)
+        except BaseException:
+            # A cancelled or failed run leaves nothing behind on the accelerator.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
 
     @torch.inference_mode()
-    def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
+    def _generate_images_unsafe(self, prompts, images, system_prompt, settings, reasoning_ids, callback):
         counts = [len(imgs) for imgs in images]
         if any(counts) and not all(counts):
             raise InvalidInputError(
@@ -458,7 +473,7 @@ class InternVLUPipeline:
             input_ids, attention_mask = reassemble_with_reasoning(
                 input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
             )
-        check.prompt_length(input_ids.shape[1], 0, self.max_context, "prompt")
+        check.prompt_length(input_ids.shape[1], 0, self.max_prompt_tokens, "prompt")
         self._record_batch(batch, input_ids, attention_mask)
         cond = self._conditioning(batch, input_ids, attention_mask)
         latents = self._sample(batch, cond, settings, callback)

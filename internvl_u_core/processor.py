@@ -192,12 +192,17 @@ class GenImageSettings:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One image → normalised float32 [3, h̄, w̄] with h̄, w̄ multiples of 16."""
         image = image.convert("RGB")
+        stride = self.stride
+        if min(image.width, image.height) < stride and not self.do_pad:
+            # The released processor refuses images under one grid cell; upscale them instead.
+            scale = stride / min(image.width, image.height)
+            size = (max(stride, round(image.width * scale)), max(stride, round(image.height * scale)))
+            image = image.resize(size, resample=self.resample)
         height, width = self.target_size(image.height, image.width)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
         pixels = np.asarray(image, dtype=np.uint8)
         if self.do_pad:
-            stride = self.stride
             padded_h, padded_w = -(-height // stride) * stride, -(-width // stride) * stride
             canvas = np.zeros((padded_h, padded_w, 3), dtype=np.uint8)
             canvas[:height, :width] = pixels

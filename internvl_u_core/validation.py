@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,12 +17,23 @@ from PIL import Image
 
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
 
-MAX_SIDE = 4096  # pixels per side of a requested image
-MAX_PIXELS = 4096 * 4096
-MAX_STEPS = 1000
-MAX_NEW_TOKENS = 32768
-MAX_IMAGES_PER_PROMPT = 16
-MAX_INPUT_PIXELS = 64_000_000  # larger inputs are refused before decoding (decompression bombs)
+
+@dataclass
+class Limits:
+    """Bounds on what one call may ask for; ``pipe.limits`` can be changed per deployment."""
+
+    max_side: int = 4096  # pixels per side of a requested image
+    max_pixels: int = 4096 * 4096  # requested width × height
+    max_steps: int = 1000
+    max_new_tokens: int = 32768
+    max_images_per_prompt: int = 16
+    max_input_pixels: int = 64_000_000  # larger input images are downscaled to this many pixels
+    max_input_file_pixels: int = 256_000_000  # image files claiming more are refused before decoding
+    max_prompt_chars: int = 200_000  # checked before tokenising
+    max_prompt_tokens: int | None = None  # None: the model's context length
+
+
+DEFAULT_LIMITS = Limits()
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -78,20 +90,31 @@ def generation_mode(value) -> str:
     return value
 
 
-def text(value, name: str) -> str:
+def text(value, name: str, limits: Limits = DEFAULT_LIMITS) -> str:
     if not isinstance(value, str):
         raise InvalidInputTypeError(f"{name} must be a string, got {type(value).__name__}")
     if "\x00" in value:
-        raise InvalidInputError(f"{name} contains a NUL character")
+        raise InvalidInputError(f"{name} contains a NUL character; remove it")
+    if len(value) > limits.max_prompt_chars:
+        raise InvalidInputError(
+            f"{name} has {len(value):,} characters, more than the {limits.max_prompt_chars:,} allowed; shorten it"
+        )
     return value
 
 
-def optional_text(value, name: str) -> str | None:
-    return None if value is None else text(value, name)
+def optional_text(value, name: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    return None if value is None else text(value, name, limits)
 
 
-def load_image(value, name: str) -> Image.Image:
-    """A PIL image (any mode) or a path → an RGB PIL image, refusing absurd sizes before decoding."""
+def system_prompt(value, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    value = optional_text(value, "system_prompt", limits)
+    if value is not None and ("<image>" in value or "<IMG_CONTEXT>" in value):
+        raise InvalidInputError("system_prompt must not contain image slots ('<image>'); put them in the prompt")
+    return value
+
+
+def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """A PIL image (any mode) or a path → an RGB PIL image; huge images are downscaled, absurd files refused."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (str, os.PathLike)):
@@ -99,21 +122,35 @@ def load_image(value, name: str) -> Image.Image:
         if not path.is_file():
             raise InvalidInputError(f"{name}: image file {os.fspath(value)!r} does not exist")
         try:
-            image = Image.open(path)
-        except (OSError, Image.DecompressionBombError) as exc:
+            image = Image.open(path)  # reads the header only
+        except Image.DecompressionBombError as exc:
+            raise InvalidInputError(f"{name}: {os.fspath(value)!r} is too large to open safely ({exc}); downscale it first") from exc
+        except OSError as exc:
             raise InvalidInputError(f"{name}: cannot read {os.fspath(value)!r} as an image ({exc})") from exc
-    else:
+        if image.width * image.height > limits.max_input_file_pixels:
+            raise InvalidInputError(
+                f"{name}: {os.fspath(value)!r} is {image.width}×{image.height} pixels, more than the "
+                f"{limits.max_input_file_pixels:,} allowed; downscale it first"
+            )
+        if image.width * image.height > limits.max_input_pixels:
+            # JPEG can decode at 1/2, 1/4, 1/8 scale: never allocate the full image.
+            scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
+            image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    elif isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray":
         raise InvalidInputTypeError(
-            f"{name} must be a PIL image or a file path, got {type(value).__name__}"
+            f"{name} must be a PIL image or a file path, got a {type(value).__name__}; convert it with "
+            "PIL.Image.fromarray(array_uint8_hwc)"
         )
+    else:
+        raise InvalidInputTypeError(f"{name} must be a PIL image or a file path, got {type(value).__name__}")
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
-    if image.width * image.height > MAX_INPUT_PIXELS:
-        raise InvalidInputError(
-            f"{name}: image is {image.width}×{image.height} pixels, more than the {MAX_INPUT_PIXELS:,} allowed; "
-            "downscale it first"
-        )
-    return to_rgb(image, name)
+    image = to_rgb(image, name)
+    if image.width * image.height > limits.max_input_pixels:
+        scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -141,11 +178,11 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(f"{name}: cannot decode the image ({exc})") from exc
 
 
-def image_list(value, name: str, *, allow_empty: bool) -> list[Image.Image]:
+def image_list(value, name: str, *, allow_empty: bool, limits: Limits = DEFAULT_LIMITS) -> list[Image.Image]:
     if value is None:
         items = []
     elif isinstance(value, (list, tuple)):
@@ -154,17 +191,21 @@ def image_list(value, name: str, *, allow_empty: bool) -> list[Image.Image]:
         items = [value]
     if not items and not allow_empty:
         raise InvalidInputError(f"{name}: at least one image is needed")
-    if len(items) > MAX_IMAGES_PER_PROMPT:
-        raise InvalidInputError(f"{name}: {len(items)} images given, at most {MAX_IMAGES_PER_PROMPT} are allowed")
-    return [load_image(item, f"{name}[{i}]" if len(items) > 1 else name) for i, item in enumerate(items)]
+    if len(items) > limits.max_images_per_prompt:
+        raise InvalidInputError(
+            f"{name}: {len(items)} images given, at most {limits.max_images_per_prompt} are allowed"
+        )
+    return [load_image(item, f"{name}[{i}]" if len(items) > 1 else name, limits) for i, item in enumerate(items)]
 
 
-def prompts_and_images(prompt, image, mode: str) -> tuple[list[str], list[list[Image.Image]]]:
+def prompts_and_images(
+    prompt, image, mode: str, limits: Limits = DEFAULT_LIMITS
+) -> tuple[list[str], list[list[Image.Image]]]:
     """Reference nesting → one prompt list and one image list per prompt."""
     if isinstance(prompt, str):
-        prompts = [prompt]
+        prompts = [text(prompt, "prompt", limits)]
     elif isinstance(prompt, (list, tuple)) and prompt:
-        prompts = [text(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        prompts = [text(p, f"prompt[{i}]", limits) for i, p in enumerate(prompt)]
     else:
         raise InvalidInputTypeError("prompt must be a string or a non-empty list of strings")
     n = len(prompts)
@@ -180,11 +221,11 @@ def prompts_and_images(prompt, image, mode: str) -> tuple[list[str], list[list[I
                 f"image has {len(entries)} entries but there are {n} prompts; give one entry per prompt "
                 "(an entry may be a list of images, or None)"
             )
-        per_prompt = [image_list(e, f"image[{i}]", allow_empty=True) for i, e in enumerate(entries)]
+        per_prompt = [image_list(e, f"image[{i}]", allow_empty=True, limits=limits) for i, e in enumerate(entries)]
     else:
         if n != 1:
             raise InvalidInputError(f"one image was given for {n} prompts; give a list with one entry per prompt")
-        per_prompt = [image_list(image, "image", allow_empty=False)]
+        per_prompt = [image_list(image, "image", allow_empty=False, limits=limits)]
     return prompts, per_prompt
 
 
@@ -215,19 +256,21 @@ def finite(value, name: str) -> float:
     return number
 
 
-def steps(value) -> int:
-    return integer(value, "num_inference_steps", 1, MAX_STEPS)
+def steps(value, limits: Limits = DEFAULT_LIMITS) -> int:
+    return integer(value, "num_inference_steps", 1, limits.max_steps)
 
 
 def count(value, name: str) -> int:
     return integer(value, name, 1, 64)
 
 
-def image_size(height, width) -> tuple[int, int]:
-    height = integer(height, "height", 1, MAX_SIDE)
-    width = integer(width, "width", 1, MAX_SIDE)
-    if height * width > MAX_PIXELS:
-        raise InvalidInputError(f"height×width = {height}×{width} exceeds the {MAX_PIXELS:,}-pixel budget")
+def image_size(height, width, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
+    height = integer(height, "height", 1, limits.max_side)
+    width = integer(width, "width", 1, limits.max_side)
+    if height * width > limits.max_pixels:
+        raise InvalidInputError(
+            f"height×width = {height}×{width} exceeds the {limits.max_pixels:,}-pixel budget (pipe.limits.max_pixels)"
+        )
     return height, width
 
 
@@ -250,14 +293,20 @@ def generator(value):
     raise InvalidInputTypeError(f"generator must be a torch.Generator, got {type(value).__name__}")
 
 
-def text_kwargs(kwargs: dict, default_max_new_tokens: int | None) -> dict:
+def text_kwargs(kwargs: dict, default_max_new_tokens: int | None, limits: Limits = DEFAULT_LIMITS) -> dict:
     out = dict(kwargs)
     if "max_new_tokens" not in out and default_max_new_tokens is not None:
         out["max_new_tokens"] = default_max_new_tokens
     if "max_new_tokens" in out:
-        out["max_new_tokens"] = integer(out["max_new_tokens"], "max_new_tokens", 1, MAX_NEW_TOKENS)
+        out["max_new_tokens"] = integer(out["max_new_tokens"], "max_new_tokens", 1, limits.max_new_tokens)
     if "min_new_tokens" in out:
-        out["min_new_tokens"] = integer(out["min_new_tokens"], "min_new_tokens", 0, MAX_NEW_TOKENS)
+        out["min_new_tokens"] = integer(out["min_new_tokens"], "min_new_tokens", 0, limits.max_new_tokens)
+        if out["min_new_tokens"] > out.get("max_new_tokens", out["min_new_tokens"]):
+            raise InvalidInputError(
+                f"min_new_tokens = {out['min_new_tokens']} is larger than max_new_tokens = {out['max_new_tokens']}"
+            )
+    for flag in ("return_dict_in_generate", "output_hidden_states"):
+        out.pop(flag, None)  # the output object is fixed; accepted for compatibility
     if "num_beams" in out:
         out["num_beams"] = integer(out["num_beams"], "num_beams", 1, 16)
     if "do_sample" in out and not isinstance(out["do_sample"], bool):
