@@ -412,8 +412,6 @@ class InternVLUPipeline:
         settings.pop("max_new_tokens", None)
         height = settings.get("height")
         width = settings.get("width")
-        if height is None and width is None and any(images) and mode == "image":
-            width, height = images[0][0].size
         if height is None and width is None:
             height, width = config.gen_image_height, config.gen_image_width
         height = height if height is not None else width
