@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import GenerationCancelled
 from .vlm import InternVLUChatModel
@@ -14,20 +13,25 @@ from .vlm import InternVLUChatModel
 TokenCallback = Callable[[int, int], "bool | None"]
 
 
-class _TokenProgress(StoppingCriteria):
-    """Reports each decoding step and stops every row when the callback returns ``False``."""
+def _token_progress(callback: TokenCallback, total: int):
+    """A stopping criterion that reports each decoding step and stops every row on ``False``.
 
-    def __init__(self, callback: TokenCallback, total: int):
-        self.callback = callback
-        self.total = total
-        self.steps = 0
-        self.cancelled = False
+    Built on demand so that importing this package does not import transformers.
+    """
+    from transformers import StoppingCriteria
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        self.steps += 1
-        if self.callback(self.steps, self.total) is False:
-            self.cancelled = True
-        return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
+    class TokenProgress(StoppingCriteria):
+        def __init__(self):
+            self.steps = 0
+            self.cancelled = False
+
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            self.steps += 1
+            if callback(self.steps, total) is False:
+                self.cancelled = True
+            return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
+
+    return TokenProgress()
 
 
 def seeded(seed: int | None, device: torch.device):
@@ -57,10 +61,12 @@ def generate_tokens(
     embeds = vlm.embed_prompt(input_ids, pixel_values)
     kwargs = dict(gen_kwargs)
     max_new = int(kwargs.get("max_new_tokens", 20))
+    from transformers import StoppingCriteriaList
+
     criteria = StoppingCriteriaList()
     progress = None
     if token_callback is not None:
-        progress = _TokenProgress(token_callback, max_new)
+        progress = _token_progress(token_callback, max_new)
         criteria.append(progress)
     kwargs["return_dict_in_generate"] = True
     if not kwargs.get("do_sample"):

@@ -7,7 +7,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 
 @dataclass
@@ -114,6 +113,8 @@ class InternAttention(nn.Module):
 class InternMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
+        from transformers.activations import ACT2FN
+
         self.act = ACT2FN[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
