@@ -176,10 +176,36 @@ class InternVLUChatModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
         layers: list[int],
     ) -> torch.Tensor:
-        """One LLM pass (positions 0…L-1, no LM head); the chosen hidden states concatenated on channels."""
-        embeds = self.embed_prompt(input_ids, None, image_features)
-        out = self.language_model.model(
-            inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
-        )
-        states = out.hidden_states
-        return torch.cat([states[i] for i in layers], dim=-1)
+        """The LLM hidden states (no LM head) of each row, chosen layers concatenated on channels: [B, L, C·k].
+
+        Like the released pipeline, token ``j`` of a left-padded row sits at position ``j`` (pads counted).
+        Each row runs on its attended tokens only, with those positions, so no work goes to padding;
+        masked pads never influence attended tokens, so the result is the same. Padded slots are zero.
+        """
+        rows, length = input_ids.shape
+        starts = [length - int(m.sum()) for m in attention_mask]
+        contiguous = all(bool(m[s:].all()) for m, s in zip(attention_mask, starts))
+        if not contiguous:  # not a left-padded batch: one masked pass
+            embeds = self.embed_prompt(input_ids, None, image_features)
+            out = self.language_model.model(
+                inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+            )
+            return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        per_image = image_features.shape[1] if image_features is not None else 0
+        result = None
+        image_cursor = 0
+        for row, start in enumerate(starts):
+            ids = input_ids[row : row + 1, start:]
+            images = int((ids == self.image_context_id).sum()) // per_image if per_image else 0
+            features = image_features[image_cursor : image_cursor + images] if images else None
+            image_cursor += images
+            positions = torch.arange(start, length, device=input_ids.device).unsqueeze(0)
+            out = self.language_model.model(
+                inputs_embeds=self.embed_prompt(ids, None, features), position_ids=positions,
+                output_hidden_states=True, use_cache=False,
+            )
+            states = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+            if result is None:
+                result = states.new_zeros(rows, length, states.shape[-1])
+            result[row, start:] = states[0]
+        return result
