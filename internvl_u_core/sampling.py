@@ -85,6 +85,10 @@ class LatentCodec:
         self.scale_factor = 2 ** len(config.temperal_downsample)
 
     @property
+    def _single_pass(self) -> bool:
+        return not getattr(self.vae, "use_tiling", False)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
@@ -97,7 +101,11 @@ class LatentCodec:
         """[N, 3, H, W] in [-1, 1] → normalised latent means [N, C, H/8, W/8] (VAE dtype)."""
         dtype = self.dtype
         x = pixels.to(self.device, dtype).unsqueeze(2)
-        moments = self.vae.encode(x).latent_dist.mode()[:, :, 0]
+        if self._single_pass:
+            # One frame needs no temporal cache: the same result without diffusers' per-conv cache copies.
+            moments = self.vae.quant_conv(self.vae.encoder(x))[:, : self.vae.config.z_dim, 0]
+        else:
+            moments = self.vae.encode(x).latent_dist.mode()[:, :, 0]
         mean = self.mean.to(moments.device, dtype)
         std = self.std.to(moments.device, dtype)
         return (moments - mean) / std
@@ -109,7 +117,10 @@ class LatentCodec:
         z = latents.to(self.device, dtype)
         reciprocal = 1.0 / self.std.to(z.device, dtype)
         z = z / reciprocal + self.mean.to(z.device, dtype)
-        pixels = self.vae.decode(z.unsqueeze(2)).sample[:, :, 0]
+        if self._single_pass:
+            pixels = self.vae.decoder(self.vae.post_quant_conv(z.unsqueeze(2)))[:, :, 0]
+        else:
+            pixels = self.vae.decode(z.unsqueeze(2)).sample[:, :, 0]
         return pixels.clamp(-1, 1)
 
 

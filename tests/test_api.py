@@ -122,3 +122,15 @@ def test_preview_and_components(tiny_pipe):
     assert set(tiny_pipe.components) == {"vlm", "generation_decoder", "vae"}
     assert tiny_pipe.model_size_bytes() > 0
     assert tiny_pipe.device.type == "cpu" and tiny_pipe.dtype == torch.float32
+
+
+def test_vae_tiling_switch(tiny_pipe):
+    plain = np.asarray(tiny_pipe.generate("a cat", width=64, height=64, steps=2, seed=0)[0], dtype=np.int16)
+    tiny_pipe.enable_vae_tiling()
+    try:
+        assert tiny_pipe.vae.use_tiling
+        tiled = np.asarray(tiny_pipe.generate("a cat", width=64, height=64, steps=2, seed=0)[0], dtype=np.int16)
+    finally:
+        tiny_pipe.enable_vae_tiling(False)
+    assert np.abs(plain - tiled).max() <= 1  # below the tile size: the same single pass
+    assert not tiny_pipe.vae.use_tiling
