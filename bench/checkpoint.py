@@ -35,9 +35,9 @@ def layer_counts(layers: str) -> dict[str, int]:
     return {"vit": count, "llm": count, "dit": count}
 
 
-def checkpoint_dir(layers: str) -> Path:
+def checkpoint_dir(layers: str, vocab: int | None = None) -> Path:
     key = "all" if str(layers).strip().lower() in ("all", "full") else str(int(layers))
-    return CACHE / f"ckpt-l{key}"
+    return CACHE / (f"ckpt-l{key}" if vocab is None else f"ckpt-l{key}-v{vocab}")
 
 
 def read_layers(folder: Path) -> dict[str, int]:
@@ -70,10 +70,10 @@ def _remove_stale_builds(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_checkpoint(layers: str, say=print) -> Path:
-    """The cached checkpoint for ``layers``, built first if missing."""
+def ensure_checkpoint(layers: str, say=print, vocab: int | None = None) -> Path:
+    """The cached checkpoint for ``layers`` (and LLM vocabulary size; None = released), built first if missing."""
     counts = layer_counts(layers)
-    final = checkpoint_dir(layers)
+    final = checkpoint_dir(layers, vocab)
     if (final / "model_index.json").is_file():  # model_index.json is written last by the writer
         found = read_layers(final)
         if found != counts:
@@ -95,7 +95,7 @@ def ensure_checkpoint(layers: str, say=print) -> Path:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, str(Path(__file__).resolve()), str(tmp), str(counts["vit"]), str(counts["llm"]),
-           str(counts["dit"])]
+           str(counts["dit"]), str(vocab or 0)]
     try:
         subprocess.run(cmd, env=env, check=True)
         os.rename(tmp, final)
@@ -113,15 +113,18 @@ def _estimate_bytes(counts: dict[str, int]) -> int:
     return int(vit * counts["vit"] + llm * counts["llm"] + dit * counts["dit"] + fixed)
 
 
-def _build(out: str, vit: int, llm: int, dit: int) -> None:
+def _build(out: str, vit: int, llm_layers: int, dit: int, vocab: int = 0) -> None:
     import torch
 
     from internvl_u_core.random_checkpoint import write_random_checkpoint
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    write_random_checkpoint(out, processor_source=PROCESSOR_SOURCE, vit_layers=vit, llm_layers=llm, dit_layers=dit)
-    Path(out, META).write_text(json.dumps({"layers": {"vit": vit, "llm": llm, "dit": dit}, "seed": 0}, indent=2))
+    llm = {"vocab_size": vocab} if vocab else None
+    write_random_checkpoint(out, processor_source=PROCESSOR_SOURCE, vit_layers=vit, llm_layers=llm_layers,
+                            dit_layers=dit, llm=llm)
+    meta = {"layers": {"vit": vit, "llm": llm_layers, "dit": dit}, "vocab_size": vocab or 151936, "seed": 0}
+    Path(out, META).write_text(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":
-    _build(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    _build(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
