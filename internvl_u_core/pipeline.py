@@ -253,6 +253,7 @@ class InternVLUPipeline:
         question: str,
         *,
         max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -262,18 +263,11 @@ class InternVLUPipeline:
         token_callback: TokenCallback | None = None,
     ) -> str:
         """Answer ``question`` about zero, one or several images."""
-        question = check.text(question, "question", self.limits)
-        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
-        kwargs = check.text_kwargs(
-            {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-             "top_p": top_p, "num_beams": num_beams},
-            default_max_new_tokens=None,
-            limits=self.limits,
+        ids, _ = self._text_job(
+            question, "question", images, "text", system_prompt, seed, token_callback,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
-        seed = check.optional_seed(seed)
-        system_prompt = check.system_prompt(system_prompt, self.limits)
-        with self._lock:
-            ids = self._generate_text([question], [pictures], "text", system_prompt, kwargs, seed, token_callback)
         return self._decode(ids)[0]
 
     def reason(
@@ -282,6 +276,7 @@ class InternVLUPipeline:
         images=None,
         *,
         max_new_tokens: int = 200,
+        min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -291,18 +286,11 @@ class InternVLUPipeline:
         token_callback: TokenCallback | None = None,
     ) -> Reasoning:
         """The chain-of-thought the model writes before drawing (``text_image`` mode's first stage)."""
-        prompt = check.text(prompt, "prompt", self.limits)
-        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
-        kwargs = check.text_kwargs(
-            {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-             "top_p": top_p, "num_beams": num_beams},
-            default_max_new_tokens=None,
-            limits=self.limits,
+        ids, pictures = self._text_job(
+            prompt, "prompt", images, "text_image", system_prompt, seed, token_callback,
+            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
-        seed = check.optional_seed(seed)
-        system_prompt = check.system_prompt(system_prompt, self.limits)
-        with self._lock:
-            ids = self._generate_text([prompt], [pictures], "text_image", system_prompt, kwargs, seed, token_callback)
         return Reasoning(
             text=self._decode(ids)[0],
             token_ids=tuple(ids[0].tolist()),
@@ -310,6 +298,17 @@ class InternVLUPipeline:
             num_images=len(pictures),
             system_prompt=system_prompt,
         )
+
+    def _text_job(self, text, name, images, mode, system_prompt, seed, token_callback, **sampling):
+        """Validate one prompt's text job and decode it; returns the new ids and the loaded images."""
+        text = check.text(text, name, self.limits)
+        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
+        kwargs = check.text_kwargs(sampling, default_max_new_tokens=None, limits=self.limits)
+        seed = check.optional_seed(seed)
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        with self._lock:
+            ids = self._generate_text([text], [pictures], mode, system_prompt, kwargs, seed, token_callback)
+        return ids, pictures
 
     def generate(
         self,
