@@ -139,7 +139,25 @@ def _text_kwargs(args) -> dict:
             "top_p": args.top_p, "num_beams": args.num_beams, "seed": args.seed}
 
 
+def _check_numbers(args) -> None:
+    """Refuse bad numbers before spending seconds on loading the model."""
+    from . import validation as check
+
+    if getattr(args, "steps", None) is not None:
+        check.steps(args.steps)
+        check.count(args.num_images, "num_images")
+        for name in ("width", "height"):
+            if getattr(args, name) is not None:
+                check.integer(getattr(args, name), name, 1, check.DEFAULT_LIMITS.max_side)
+    if getattr(args, "max_new_tokens", None) is not None:
+        check.integer(args.max_new_tokens, "max_new_tokens", 1, check.DEFAULT_LIMITS.max_new_tokens)
+    for path in getattr(args, "image", None) or []:
+        if not Path(path).is_file():
+            raise SystemExit(f"internvl-u: error: image file {path!r} does not exist")
+
+
 def run(args) -> int:
+    _check_numbers(args)
     pipe = _load(args)
     if args.command == "understand":
         answer = pipe.understand(args.image or None, args.question, system_prompt=args.system_prompt,

@@ -413,8 +413,11 @@ class InternVLUPipeline:
         width = settings.get("width")
         if height is None and width is None:
             height, width = config.gen_image_height, config.gen_image_width
-        height = height if height is not None else width
-        width = width if width is not None else height
+        # A single given side is used for both (as the reference does); check it under its own name first.
+        if height is None:
+            height = check.integer(width, "width", 1, self.limits.max_side)
+        if width is None:
+            width = check.integer(height, "height", 1, self.limits.max_side)
         settings["height"], settings["width"] = check.image_size(height, width, self.limits)
         settings["num_inference_steps"] = check.steps(settings["num_inference_steps"], self.limits)
         settings["num_images_per_prompt"] = check.count(settings.get("num_images_per_prompt", 1), "num_images_per_prompt")

@@ -32,7 +32,7 @@ VARIANTS = {
     "llama-llm-last-layer-features": {
         "llm": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False},
         "generation": {"vlm_select_layer": [-2, -1], "vlm_cond_position_scale_factor": 0.5,
-                       "max_sequence_length": 24, "timestep_scale": 0.001},
+                       "video_position_scale_factor": 0.5, "max_sequence_length": 24, "timestep_scale": 0.001},
     },
     "qwen3-moe-llm": {
         "llm": {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 4,
