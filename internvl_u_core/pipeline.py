@@ -571,7 +571,13 @@ class InternVLUPipeline:
         )
         scale = self.codec.scale_factor
         shape = (n * copies, channels, h_gen // scale, w_gen // scale)
-        latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
+        generator = settings["generator"]
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise InvalidInputError(
+                f"generator is a list of {len(generator)} generators but the call draws {shape[0]} images; "
+                "pass one generator, or one per image"
+            )
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         self._record("diffusion.initial_latents", latents)
         if self.recorder is not None:
             for k, (states, image_mask_k) in enumerate(cond["spans"]):

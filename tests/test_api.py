@@ -134,3 +134,26 @@ def test_vae_tiling_switch(tiny_pipe):
         tiny_pipe.enable_vae_tiling(False)
     assert np.abs(plain - tiled).max() <= 1  # below the tile size: the same single pass
     assert not tiny_pipe.vae.use_tiling
+
+
+def test_component_offload_gives_identical_results(tiny_pipe):
+    fox = load_inputs("internvlu-tiny", FOX)
+    before_image = _pixels(tiny_pipe.edit(fox, "make it blue", steps=2, seed=3, width=32, height=32))[0]
+    before_text = tiny_pipe.understand(fox, "what?", max_new_tokens=4)
+    tiny_pipe.enable_model_cpu_offload("cpu")
+    try:
+        assert tiny_pipe.device.type == "cpu"
+        assert np.array_equal(before_image, _pixels(tiny_pipe.edit(fox, "make it blue", steps=2, seed=3, width=32,
+                                                                   height=32))[0])
+        assert tiny_pipe.understand(fox, "what?", max_new_tokens=4) == before_text
+    finally:
+        tiny_pipe.to("cpu")
+
+
+def test_generator_list_must_match_the_batch(tiny_pipe):
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = tiny_pipe(["a", "b"], generation_mode="image", num_inference_steps=1, height=32, width=32,
+                    generator=generators)
+    assert len(out.images) == 2
+    with pytest.raises(InvalidInputError, match="generator"):
+        tiny_pipe(["a", "b", "c"], generation_mode="image", num_inference_steps=1, generator=generators)
