@@ -25,6 +25,12 @@ from agent_tools.schemas import (
 from internvl_u_core import InternVLUPipeline
 
 
+def _prepare_text_job(tool: InternVLUTool, request: UnderstandImageInput | ReasonInput) -> _ImageQuestion:
+    """Shared by the two text tools: bound the answer length and load the referenced images."""
+    tool._check_at_most("max_new_tokens", request.max_new_tokens, tool.session.limits.max_new_tokens)
+    return _ImageQuestion(request, [tool.session.images.load(ref) for ref in request.images])
+
+
 class UnderstandImageTool(InternVLUTool):
     """Answers a question about one or more images."""
 
@@ -37,9 +43,7 @@ class UnderstandImageTool(InternVLUTool):
     args_schema: type[BaseModel] = UnderstandImageInput
 
     def _prepare(self, request: UnderstandImageInput) -> _ImageQuestion:
-        self._check_at_most("max_new_tokens", request.max_new_tokens, self.session.limits.max_new_tokens)
-        images = [self.session.images.load(ref) for ref in request.images]
-        return _ImageQuestion(request, images)
+        return _prepare_text_job(self, request)
 
     def _call_core(self, pipeline: InternVLUPipeline, control: JobControl, plan: _ImageQuestion) -> str:
         return pipeline.understand(
@@ -74,9 +78,7 @@ class ReasonTool(InternVLUTool):
     args_schema: type[BaseModel] = ReasonInput
 
     def _prepare(self, request: ReasonInput) -> _ImageQuestion:
-        self._check_at_most("max_new_tokens", request.max_new_tokens, self.session.limits.max_new_tokens)
-        images = [self.session.images.load(ref) for ref in request.images]
-        return _ImageQuestion(request, images)
+        return _prepare_text_job(self, request)
 
     def _call_core(self, pipeline: InternVLUPipeline, control: JobControl, plan: _ImageQuestion) -> Any:
         return pipeline.reason(
