@@ -23,6 +23,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--offline", action="store_true",
                        help="never contact the hub; use only files already downloaded")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
+    group.add_argument("--offload", action="store_true",
+                       help="keep components in CPU memory and move each to the GPU only while it runs "
+                            "(for GPUs with little memory)")
 
 
 def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:
@@ -53,6 +56,8 @@ def _add_image_options(parser: argparse.ArgumentParser, size_help: str) -> None:
                        help="let the model think first (chain of thought), then draw from prompt + thoughts")
     group.add_argument("--reasoning-tokens", type=int, default=200, help="longest chain of thought (default: 200)")
     group.add_argument("--system-prompt", default=None, help="replace the built-in system message")
+    group.add_argument("--vae-tiling", action="store_true",
+                       help="encode/decode large images in tiles to save memory (tiny seams possible)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,10 +124,16 @@ def _load(args):
         print(f"[{time.perf_counter() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
     components = ("vlm",) if args.command == "understand" else ("vlm", "generation_decoder", "vae")
-    return InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+    device = "cpu" if args.offload else args.device
+    pipe = InternVLUPipeline.from_pretrained(
+        args.model, torch_dtype=args.dtype, device=device, local_files_only=args.offline,
         revision=args.revision, progress=progress, components=components,
     )
+    if args.offload:
+        pipe.enable_model_cpu_offload(args.device or "cuda")
+    if getattr(args, "vae_tiling", False):
+        pipe.enable_vae_tiling()
+    return pipe
 
 
 def _output_paths(output: str, count: int) -> list[Path]:

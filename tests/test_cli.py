@@ -58,3 +58,8 @@ def test_console_script_runs_without_model_argument():
     result = subprocess.run([sys.executable, "-m", "internvl_u_core.cli", "generate", "x"], capture_output=True,
                             text=True, env={"PATH": "", "HOME": str(FIXTURES)})
     assert result.returncode != 0 and "no model given" in result.stderr
+
+
+def test_vae_tiling_and_offload_flags_parse():
+    args = build_parser().parse_args(["generate", "--model", "m", "--vae-tiling", "--offload", "x"])
+    assert args.vae_tiling and args.offload
