@@ -228,7 +228,7 @@ class InternVLUPipeline:
                 ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
                 return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
             self._require_generation()
-            settings = self._diffusion_settings(mode, diffusion_kwargs, images)
+            settings = self._diffusion_settings(mode, diffusion_kwargs)
             reasoning_ids = None
             if mode == "text_image":
                 text_kwargs = check.text_kwargs(
@@ -381,7 +381,7 @@ class InternVLUPipeline:
                   "generator": generator if generator is not None else check.seed_generator(seed)}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         with self._lock:
-            settings = self._diffusion_settings(mode, kwargs, [pictures])
+            settings = self._diffusion_settings(mode, kwargs)
             reasoning_ids = None
             if reasoning is not None:
                 reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
@@ -404,7 +404,8 @@ class InternVLUPipeline:
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def _diffusion_settings(self, mode: str, kwargs: dict, images: list[list[Image.Image]]) -> dict:
+    def _diffusion_settings(self, mode: str, kwargs: dict) -> dict:
+        """Mode defaults + the caller's values, every one validated."""
         config = self.generation_decoder.config
         settings = dict(MODE_DEFAULTS[mode])
         settings.update({k: v for k, v in kwargs.items() if v is not None})

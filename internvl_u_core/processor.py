@@ -38,7 +38,6 @@ SYSTEM_MESSAGES = {
 BLANK_ALL = "Here is a random image <img_uncond>:"
 BLANK_TEXT_WITH_IMAGES = "Generate an image based on reference images."
 _SENTENCE_END = tuple(".!?,:;")
-GENERATION_MODES = ("text", "image", "text_image")
 
 
 def normalize_prompt(text: str, num_images: int) -> str:
