@@ -429,7 +429,7 @@ class InternVLUPipeline:
 
     def _generate_text(self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback) -> torch.Tensor:
         """Run the processor and decode new tokens; ``text_image`` uses the full-condition rows only."""
-        batch = self.processor(prompts, images, mode, system_prompt, height=16, width=16)
+        batch = self.processor(prompts, images, mode, system_prompt)
         n = len(prompts)
         device = self._activate(self.vlm)
         input_ids = batch.input_ids[:n].to(device)
@@ -466,6 +466,12 @@ class InternVLUPipeline:
                 "a batch cannot mix editing prompts (with images) and text-to-image prompts (without); "
                 "run them as separate calls"
             )
+        generator, draws = settings["generator"], len(prompts) * settings["num_images_per_prompt"]
+        if isinstance(generator, list) and len(generator) != draws:  # checked before any model work
+            raise InvalidInputError(
+                f"generator is a list of {len(generator)} generators but the call draws {draws} images; "
+                "pass one generator, or one per image"
+            )
         mode = "image" if reasoning_ids is None else "text_image"
         batch = self.processor(prompts, images, mode, system_prompt,
                                height=settings["height"], width=settings["width"])
@@ -478,7 +484,7 @@ class InternVLUPipeline:
         self._record_batch(batch, input_ids, attention_mask)
         cond = self._conditioning(batch, input_ids, attention_mask)
         latents = self._sample(batch, cond, settings, callback)
-        return self._to_pictures(latents, batch.gen_size, (settings["width"], settings["height"]))
+        return self._to_pictures(latents, (settings["width"], settings["height"]))
 
     def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask) -> dict:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
@@ -487,10 +493,10 @@ class InternVLUPipeline:
         n = batch.num_prompts
         counts = batch.images_per_prompt
         rows = 3 * n
+        unique = sum(counts)  # input images; the `none` and `text` row groups carry the same ones
         image_features = None
         if batch.pixel_values is not None:
             # Both image-carrying row groups hold the same images: run the ViT once.
-            unique = sum(counts)
             vit_dtype = self.vlm.vision_model.embeddings.patch_embedding.weight.dtype
             features = self.vlm.extract_feature(batch.pixel_values[:unique].to(vlm_device, vit_dtype))
             image_features = torch.cat([features, features])
@@ -515,7 +521,6 @@ class InternVLUPipeline:
         reference_grids: list[torch.Tensor | None] = [None] * rows
         if batch.pixel_values_gen is not None:
             self._activate(self.vae)
-            unique = sum(counts)
             latents = self.codec.encode(batch.pixel_values_gen[:unique])  # both halves hold the same images
             latents = torch.cat([latents, latents])
             self._record("diffusion.cond_latents", latents)
@@ -528,8 +533,7 @@ class InternVLUPipeline:
                 cursor += k
         return {
             # With no input images the two dropped rows are the same prompt: the decoder runs them once.
-            "uncond_equals_part": self.dedupe_guidance_rows and not any(counts) and torch.equal(input_ids[n : 2 * n], input_ids[2 * n :])
-            and torch.equal(attention_mask[n : 2 * n], attention_mask[2 * n :]),
+            "uncond_equals_part": torch.equal(source[n : 2 * n], source[2 * n :]),
             "spans": spans,
             "image_fhw": image_fhw,
             "references": references,
@@ -572,13 +576,7 @@ class InternVLUPipeline:
         )
         scale = self.codec.scale_factor
         shape = (n * copies, channels, h_gen // scale, w_gen // scale)
-        generator = settings["generator"]
-        if isinstance(generator, list) and len(generator) != shape[0]:
-            raise InvalidInputError(
-                f"generator is a list of {len(generator)} generators but the call draws {shape[0]} images; "
-                "pass one generator, or one per image"
-            )
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
         self._record("diffusion.initial_latents", latents)
         if self.recorder is not None:
             for k, (states, image_mask_k) in enumerate(cond["spans"]):
@@ -617,7 +615,7 @@ class InternVLUPipeline:
         self._record("diffusion.final_latents", latents)
         return latents
 
-    def _to_pictures(self, latents, gen_size, requested) -> list[Image.Image]:
+    def _to_pictures(self, latents, requested) -> list[Image.Image]:
         self._activate(self.vae)
         pictures = []
         for sample in latents.split(1):

@@ -295,7 +295,11 @@ class InternVLUProcessor:
         height: int | None = None,
         width: int | None = None,
     ) -> ProcessorOutput:
-        """Build the batch. ``images[i]`` are the images of prompt ``i`` (possibly empty)."""
+        """Build the batch. ``images[i]`` are the images of prompt ``i`` (possibly empty).
+
+        Generation inputs (VAE images, grids, flags) are built only when ``height`` and ``width`` are
+        given: the chain-of-thought stage of ``text_image`` needs just the rows.
+        """
         n = len(prompts)
         counts = [len(imgs) for imgs in images]
         user = [normalize_prompt(p, k) for p, k in zip(prompts, counts)]
@@ -332,7 +336,7 @@ class InternVLUProcessor:
         )
         if row_images:
             out.pixel_values = self.vit_settings(row_images).to(torch.bfloat16)
-        if generation_mode == "text":
+        if generation_mode == "text" or height is None or width is None:
             return out
 
         h_gen, w_gen = self.gen_size(height, width)
