@@ -93,7 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an input image; repeat for several reference images")
     _add_model_options(edit)
     _add_image_options(edit, "default: the first input image's size")
+    _add_plugin_commands(sub)
     return parser
+
+
+PLUGIN_GROUP = "internvl_u.commands"
+
+
+def _add_plugin_commands(sub) -> None:
+    """Subcommands that adapters (e.g. the HTTP and MCP servers) register as entry points.
+
+    Each entry point is a callable ``register(subparsers)`` that adds its parser and sets
+    ``handler=callable(args) -> int``; the core never imports an adapter by name.
+    """
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError as exc:  # a half-installed adapter must not break the core commands
+            print(f"internvl-u: warning: command {entry.name!r} unavailable ({exc})", file=sys.stderr)
+            continue
+        register(sub)
 
 
 class _StepBar:
@@ -205,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import InternVLUError
 
+    handler = getattr(args, "handler", None)
     try:
-        return run(args)
+        return handler(args) if handler is not None else run(args)
     except InternVLUError as exc:
         print(f"internvl-u: error: {exc}", file=sys.stderr)
         return 2
