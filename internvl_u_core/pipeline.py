@@ -5,6 +5,8 @@ Data flows one way: processor → VLM → conditioning → diffusion transformer
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -17,10 +19,12 @@ from PIL import Image
 
 from . import validation as check
 from .conditioning import conditioning_spans, reassemble_with_reasoning
-from .errors import InvalidInputError, ModelLoadError
+from .errors import InvalidInputError, InvalidInputTypeError, ModelLoadError
 from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
+    FLOW_SHIFT,
+    RENORM_TIMESTEP,
     LatentCodec,
     StepCallback,
     combine_guidance,
@@ -29,7 +33,7 @@ from .sampling import (
     pixels_to_pil,
     use_single_frame_convolutions,
 )
-from .textgen import TokenCallback, generate_tokens
+from .textgen import TextCallback, TokenCallback, generate_tokens
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
 
 logger = logging.getLogger("internvl_u_core")
@@ -40,7 +44,7 @@ TEXT_KWARGS = (
 )
 DIFFUSION_KWARGS = (
     "num_inference_steps", "num_images_per_prompt", "all_cfg_scale", "part_cfg_scale",
-    "height", "width", "generator",
+    "height", "width", "generator", "timestep_trunc", "flow_shift",
 )
 MODE_DEFAULTS = {
     "image": {"all_cfg_scale": 4.5, "part_cfg_scale": 2.0, "num_inference_steps": 20},
@@ -261,10 +265,11 @@ class InternVLUPipeline:
         seed: int | None = None,
         system_prompt: str | None = None,
         token_callback: TokenCallback | None = None,
+        text_callback: TextCallback | None = None,
     ) -> str:
         """Answer ``question`` about zero, one or several images."""
         ids, _ = self._text_job(
-            question, "question", images, "text", system_prompt, seed, token_callback,
+            question, "question", images, "text", system_prompt, seed, token_callback, text_callback,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
@@ -284,10 +289,11 @@ class InternVLUPipeline:
         seed: int | None = None,
         system_prompt: str | None = None,
         token_callback: TokenCallback | None = None,
+        text_callback: TextCallback | None = None,
     ) -> Reasoning:
         """The chain-of-thought the model writes before drawing (``text_image`` mode's first stage)."""
         ids, pictures = self._text_job(
-            prompt, "prompt", images, "text_image", system_prompt, seed, token_callback,
+            prompt, "prompt", images, "text_image", system_prompt, seed, token_callback, text_callback,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
@@ -299,15 +305,21 @@ class InternVLUPipeline:
             system_prompt=system_prompt,
         )
 
-    def _text_job(self, text, name, images, mode, system_prompt, seed, token_callback, **sampling):
+    def _text_job(self, text, name, images, mode, system_prompt, seed, token_callback, text_callback, **sampling):
         """Validate one prompt's text job and decode it; returns the new ids and the loaded images."""
         text = check.text(text, name, self.limits)
         pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         kwargs = check.text_kwargs(sampling, default_max_new_tokens=None, limits=self.limits)
         seed = check.optional_seed(seed)
         system_prompt = check.system_prompt(system_prompt, self.limits)
+        streaming = text_callback is not None and kwargs.get("num_beams", 1) == 1
+        ids_callback = (lambda new_ids: text_callback(self._decode(new_ids[:1])[0])) if streaming else None
         with self._lock:
-            ids = self._generate_text([text], [pictures], mode, system_prompt, kwargs, seed, token_callback)
+            ids = self._generate_text(
+                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback, ids_callback
+            )
+        if text_callback is not None and not streaming:  # beam search knows its answer only at the end
+            check.run_text_callback(text_callback, self._decode(ids)[0])
         return ids, pictures
 
     def generate(
@@ -319,6 +331,8 @@ class InternVLUPipeline:
         steps: int = 20,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         num_images: int = 1,
@@ -328,8 +342,8 @@ class InternVLUPipeline:
     ) -> list[Image.Image]:
         """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
         prompt = check.text(prompt, "prompt", self.limits)
-        return self._draw(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, seed, generator,
-                          num_images, reasoning, system_prompt, callback)
+        return self._draw(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
+                          flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
 
     def edit(
         self,
@@ -341,6 +355,8 @@ class InternVLUPipeline:
         steps: int = 20,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         num_images: int = 1,
@@ -351,8 +367,76 @@ class InternVLUPipeline:
         """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
         instruction = check.text(instruction, "instruction", self.limits)
         pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
-        return self._draw(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, seed,
-                          generator, num_images, reasoning, system_prompt, callback)
+        return self._draw(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
+                          flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
+
+    def generate_batch(
+        self,
+        prompts: list[str],
+        seeds: list[int | None],
+        *,
+        images: list | None = None,
+        reasonings: list[Reasoning | None] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 20,
+        all_cfg_scale: float | None = None,
+        part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
+        system_prompt: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt, image ``i`` bit-identical to ``generate``/``edit`` of prompt ``i`` with ``seeds[i]`` alone.
+
+        For servers: each prompt is conditioned on its own (its positions and padding are those of a
+        lone call) and only the denoising passes are shared. ``images[i]`` holds the edit inputs of
+        prompt ``i`` (all prompts edit, or none does); ``reasonings[i]`` a :class:`Reasoning` (all
+        prompts have one, or none has). Every output has the same size; ``None`` sides default as in
+        ``generate``/``edit`` and must then agree.
+        """
+        self._require_generation()
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidInputTypeError("prompts must be a non-empty list of strings")
+        count = len(prompts)
+        prompts = [check.text(p, f"prompts[{i}]", self.limits) for i, p in enumerate(prompts)]
+        for name, values in {"seeds": seeds, "images": images, "reasonings": reasonings}.items():
+            if (values is not None or name == "seeds") and (
+                not isinstance(values, (list, tuple)) or len(values) != count
+            ):
+                raise InvalidInputError(f"{name} must be a list with one entry per prompt ({count})")
+        generators = [_seeded_or_random(check.optional_seed(seed)) for seed in seeds]
+        pictures = [
+            check.image_list(entry, f"images[{i}]", allow_empty=images is None, limits=self.limits)
+            for i, entry in enumerate(images or [None] * count)
+        ]
+        reasonings = list(reasonings or [None] * count)
+        if len({r is None for r in reasonings}) > 1:
+            raise InvalidInputError("reasonings: give a Reasoning for every prompt or for none (their defaults differ)")
+        for i, (reasoning, inputs) in enumerate(zip(reasonings, pictures)):
+            self._check_reasoning(reasoning, inputs, f"reasonings[{i}]")
+        sizes = {self._default_size(inputs, width, height) for inputs in pictures}
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                "width/height: the prompts' outputs would have different sizes (their first input images differ); "
+                "give width and height"
+            )
+        width, height = sizes.pop()
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        mode = "image" if reasonings[0] is None else "text_image"
+        kwargs = {"num_inference_steps": steps, "height": height, "width": width, "all_cfg_scale": all_cfg_scale,
+                  "part_cfg_scale": part_cfg_scale, "timestep_trunc": timestep_trunc, "flow_shift": flow_shift,
+                  "generator": generators}
+        with self._lock, self._releasing_accelerator_on_failure(), torch.inference_mode():
+            settings = self._diffusion_settings(mode, {k: v for k, v in kwargs.items() if v is not None})
+            prepared = [
+                self._prepare_conditioning([prompt], [inputs], system_prompt, settings, self._reasoning_ids(reasoning))
+                for prompt, inputs, reasoning in zip(prompts, pictures, reasonings)
+            ]
+            # _sample reads only the prompt count and the (shared) generation size from the batch.
+            batch = dataclasses.replace(prepared[0][0], num_prompts=count)
+            latents = self._sample(batch, _merge_conditions([cond for _, cond in prepared]), settings, callback)
+            return self._to_pictures(latents, (settings["width"], settings["height"]))
 
     def decode_latents_preview(self, latents: torch.Tensor) -> Image.Image:
         """A cheap RGB preview of the current latents (no VAE pass)."""
@@ -361,31 +445,47 @@ class InternVLUPipeline:
     # ------------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------------
-    def _draw(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, seed, generator,
-              num_images, reasoning, system_prompt, callback) -> list[Image.Image]:
+    def _draw(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc, flow_shift,
+              seed, generator, num_images, reasoning, system_prompt, callback) -> list[Image.Image]:
         self._require_generation()
         mode = "image" if reasoning is None else "text_image"
-        if reasoning is not None and not isinstance(reasoning, Reasoning):
-            raise InvalidInputError(f"reasoning must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
-        if reasoning is not None and reasoning.num_images != len(pictures):
-            raise InvalidInputError(
-                f"reasoning was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
-                "call reason() with the same images"
-            )
+        self._check_reasoning(reasoning, pictures, "reasoning")
         system_prompt = check.system_prompt(system_prompt, self.limits)
-        if pictures:  # each missing side defaults to the first input image's
-            width = pictures[0].width if width is None else width
-            height = pictures[0].height if height is None else height
+        width, height = self._default_size(pictures, width, height)
         kwargs = {"num_inference_steps": steps, "num_images_per_prompt": num_images, "height": height, "width": width,
-                  "all_cfg_scale": all_cfg_scale, "part_cfg_scale": part_cfg_scale,
-                  "generator": generator if generator is not None else check.seed_generator(seed)}
+                  "all_cfg_scale": all_cfg_scale, "part_cfg_scale": part_cfg_scale, "timestep_trunc": timestep_trunc,
+                  "flow_shift": flow_shift, "generator": generator if generator is not None else check.seed_generator(seed)}
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         with self._lock:
             settings = self._diffusion_settings(mode, kwargs)
-            reasoning_ids = None
-            if reasoning is not None:
-                reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
-            return self._generate_images([prompt], [pictures], system_prompt, settings, reasoning_ids, callback)
+            return self._generate_images(
+                [prompt], [pictures], system_prompt, settings, self._reasoning_ids(reasoning), callback
+            )
+
+    @staticmethod
+    def _default_size(pictures, width, height) -> tuple[int | None, int | None]:
+        """Each missing side defaults to the first input image's (text-to-image keeps ``None``)."""
+        if pictures:
+            width = pictures[0].width if width is None else width
+            height = pictures[0].height if height is None else height
+        return width, height
+
+    def _check_reasoning(self, reasoning, pictures, name: str) -> None:
+        if reasoning is None:
+            return
+        if not isinstance(reasoning, Reasoning):
+            raise InvalidInputError(f"{name} must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
+        if reasoning.num_images != len(pictures):
+            raise InvalidInputError(
+                f"{name} was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
+                "call reason() with the same images"
+            )
+        vocabulary = self.vlm.language_model.get_input_embeddings().num_embeddings
+        check.token_ids(reasoning.token_ids, f"{name}.token_ids", vocabulary)
+
+    @staticmethod
+    def _reasoning_ids(reasoning: Reasoning | None) -> torch.Tensor | None:
+        return None if reasoning is None else torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
 
     def _record(self, name: str, value) -> None:
         if self.recorder is not None:
@@ -424,10 +524,14 @@ class InternVLUPipeline:
         settings["num_images_per_prompt"] = check.count(settings.get("num_images_per_prompt", 1), "num_images_per_prompt")
         settings["all_cfg_scale"] = check.finite(settings["all_cfg_scale"], "all_cfg_scale")
         settings["part_cfg_scale"] = check.finite(settings["part_cfg_scale"], "part_cfg_scale")
+        settings["timestep_trunc"] = check.finite(settings.get("timestep_trunc", RENORM_TIMESTEP), "timestep_trunc")
+        settings["flow_shift"] = check.positive(settings.get("flow_shift", FLOW_SHIFT), "flow_shift")
         settings["generator"] = check.generator(settings.get("generator"))
         return settings
 
-    def _generate_text(self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback) -> torch.Tensor:
+    def _generate_text(
+        self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback, ids_callback=None
+    ) -> torch.Tensor:
         """Run the processor and decode new tokens; ``text_image`` uses the full-condition rows only."""
         batch = self.processor(prompts, images, mode, system_prompt)
         n = len(prompts)
@@ -442,6 +546,7 @@ class InternVLUPipeline:
         return generate_tokens(
             self.vlm, input_ids, attention_mask, pixel_values,
             stop_ids=[self.eos_id, self.img_id], gen_kwargs=text_kwargs, seed=seed, token_callback=token_callback,
+            ids_callback=ids_callback,
         ).cpu()
 
     @property
@@ -450,10 +555,15 @@ class InternVLUPipeline:
         return min(context, self.limits.max_prompt_tokens or context)
 
     def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
-        try:
+        with self._releasing_accelerator_on_failure():
             return self._generate_images_unsafe(prompts, images, system_prompt, settings, reasoning_ids, callback)
+
+    @contextlib.contextmanager
+    def _releasing_accelerator_on_failure(self):
+        """A cancelled or failed run leaves nothing behind on the accelerator."""
+        try:
+            yield
         except BaseException:
-            # A cancelled or failed run leaves nothing behind on the accelerator.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
@@ -472,6 +582,12 @@ class InternVLUPipeline:
                 f"generator is a list of {len(generator)} generators but the call draws {draws} images; "
                 "pass one generator, or one per image"
             )
+        batch, cond = self._prepare_conditioning(prompts, images, system_prompt, settings, reasoning_ids)
+        latents = self._sample(batch, cond, settings, callback)
+        return self._to_pictures(latents, (settings["width"], settings["height"]))
+
+    def _prepare_conditioning(self, prompts, images, system_prompt, settings, reasoning_ids):
+        """Processor rows (with the chain-of-thought appended) → ``(batch, conditioning)`` for :meth:`_sample`."""
         mode = "image" if reasoning_ids is None else "text_image"
         batch = self.processor(prompts, images, mode, system_prompt,
                                height=settings["height"], width=settings["width"])
@@ -482,9 +598,7 @@ class InternVLUPipeline:
             )
         check.prompt_length(input_ids.shape[1], 0, self.max_prompt_tokens, "prompt")
         self._record_batch(batch, input_ids, attention_mask)
-        cond = self._conditioning(batch, input_ids, attention_mask)
-        latents = self._sample(batch, cond, settings, callback)
-        return self._to_pictures(latents, (settings["width"], settings["height"]))
+        return batch, self._conditioning(batch, input_ids, attention_mask)
 
     def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask) -> dict:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
@@ -587,7 +701,7 @@ class InternVLUPipeline:
                 if groups == 2:  # show the deduplicated row as the reference's third group
                     value = torch.cat([value, value[n * copies :]])
                 self._record(f"decoder_step0.{name}", value)
-        scheduler = make_scheduler(self.scheduler)
+        scheduler = make_scheduler(self.scheduler, settings["flow_shift"])
         scheduler.set_timesteps(settings["num_inference_steps"], device=device)
         timestep_scale = decoder.config.timestep_scale
         total = len(scheduler.timesteps)
@@ -599,7 +713,8 @@ class InternVLUPipeline:
                 prediction = torch.cat([prediction, prediction[latents.shape[0] :]])
             v_full, v_part, v_uncond = prediction.chunk(3)
             guided = combine_guidance(
-                v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"]
+                v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"],
+                settings["timestep_trunc"],
             )
             if self.recorder is not None:
                 if index == 0:
@@ -625,6 +740,30 @@ class InternVLUPipeline:
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
         return pictures
+
+
+def _seeded_or_random(seed: int | None) -> torch.Generator:
+    """The generator ``generate(seed=...)`` would use; a fresh randomly seeded one for ``None``."""
+    generator = check.seed_generator(seed)
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    return generator
+
+
+def _merge_conditions(conditions: list[dict]) -> dict:
+    """Conditionings of single prompts → one batch conditioning, rows ordered ``[full × n, part × n, uncond × n]``."""
+    def rows(key):
+        return [cond[key][group] for group in range(3) for cond in conditions]
+
+    return {
+        "uncond_equals_part": all(cond["uncond_equals_part"] for cond in conditions),
+        "spans": rows("spans"),
+        "image_fhw": rows("image_fhw"),
+        "references": rows("references"),
+        "reference_grids": rows("reference_grids"),
+        "target_grid": torch.stack(rows("target_grid")),
+    }
 
 
 def _unique_text_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_context_id: int, enabled=True):

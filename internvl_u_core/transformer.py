@@ -562,7 +562,7 @@ class InternVLUTransformerBlock(nn.Module):
         img_rows: torch.Tensor | None,
         txt_rows: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [N_img, D], txt [N_txt, D], temb [B, D]; ``*_rows`` None = all rows share temb."""
+        """img [N_img, D], txt [N_txt, D], temb [B, D] (or [1, D] shared); ``*_rows`` None = all rows share temb."""
         # [shift1, scale1, gate1, shift2, scale2, gate2], each [1 or N, D]
         mod_i = _per_token(self.img_mod(temb), img_rows).chunk(6, dim=-1)
         mod_t = _per_token(self.txt_mod(temb), txt_rows).chunk(6, dim=-1)
@@ -811,10 +811,12 @@ class InternVLUTransformer2DModel(nn.Module):
         timestep = torch.as_tensor(timestep, device=device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-        temb = self.time_text_embed(timestep, dtype)  # [B, D]
         # One shared modulation (broadcast) when every row has the same timestep, else per-token gathers.
         t_model = timestep.to(dtype)
         uniform = batch == 1 or torch.equal(t_model, t_model[:1].expand(batch))
+        # A shared timestep is embedded once: cheaper, and each row's result then does not depend on
+        # how many rows share the pass (small matrix products round differently for different row counts).
+        temb = self.time_text_embed(timestep[:1] if uniform else timestep, dtype)  # [1 or B, D]
         img_rows = None if uniform else context.image_row_ids
         txt_rows = None if uniform else context.text_row_ids
 
