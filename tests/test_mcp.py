@@ -184,8 +184,11 @@ def test_understand_by_path_and_by_id_equals_in_process(
 ) -> None:
     fox = folders["inputs"] / "fox.png"
     for ref in ("fox.png", str(fox), "sub/../fox.png"):
-        result = session.call("understand_image", images=[ref], question="What animal is this?", max_new_tokens=8)
+        progress: list[tuple[float, float | None, str | None]] = []
+        result = session.call("understand_image", progress, images=[ref], question="What animal is this?",
+                              max_new_tokens=8)
         assert not result.is_error, text_of(result)
+        assert progress and all(message.startswith("answering ") for _, _, message in progress)
         expected = tiny_pipeline.understand(Image.open(fox), "What animal is this?", max_new_tokens=8)
         assert result.structured_content["answer"] == expected
         assert result.structured_content["input_images"][0]["path"] == str(fox.resolve())
@@ -299,6 +302,36 @@ def test_out_of_range_arguments_are_tool_errors(
 # --------------------------------------------------------------------------------------------
 # One job at a time, cancellation
 # --------------------------------------------------------------------------------------------
+def test_parallel_calls_run_one_at_a_time_and_are_not_mixed_up(
+    session: Session, tiny_pipeline: InternVLUPipeline
+) -> None:
+    seeds = (21, 22, 23)
+    steps: list[tuple[int, str]] = []
+
+    async def call_all() -> dict[int, CallToolResult]:
+        results: dict[int, CallToolResult] = {}
+
+        async def one(seed: int) -> None:
+            async def on_progress(done: float, total: float | None, message: str | None) -> None:
+                steps.append((seed, message or ""))
+
+            arguments = {"prompt": f"Tile number {seed}", "seed": seed, "width": 64, "height": 64, "steps": 3}
+            results[seed] = await session.client.call_tool("generate_image", arguments, progress_callback=on_progress)
+
+        async with anyio.create_task_group() as group:
+            for seed in seeds:
+                group.start_soon(one, seed)
+        return results
+
+    results = session.portal.call(call_all)
+    for seed in seeds:
+        expected = tiny_pipeline.generate(f"Tile number {seed}", seed=seed, width=64, height=64, steps=3)[0]
+        assert np.array_equal(pixels(returned_images(results[seed])[0]), pixels(expected))
+    order = [seed for seed, _ in steps]
+    assert sorted(order) == sorted(seeds * 3)
+    assert all(order[i] == order[i + 1] for i in range(len(order) - 1) if i % 3 != 2)  # each job's steps together
+
+
 def test_cancelling_a_call_stops_the_job_and_frees_the_model(session: Session, folders: dict[str, Path]) -> None:
     before = set(folders["outputs"].glob("*"))
 

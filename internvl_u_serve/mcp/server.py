@@ -19,7 +19,7 @@ content. Argument bounds come from the model's `limits` (`internvl_u_core.valida
 import base64
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Protocol
 
@@ -184,33 +184,36 @@ class InternVLUTools:
 
     async def generate(self, ctx: Context, prompt: str, seed: int | None, reasoning_id: str | None,
                        **settings: Any) -> CallToolResult:
-        with _refusals_as_tool_errors():
-            stored = self._reasoning(reasoning_id)
-            seed = _seed(seed)
+        def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
+            return self.model.generate(prompt, **options)
 
-            def job(step: StepReporter) -> list[Image.Image]:
-                return self.model.generate(
-                    prompt,
-                    seed=seed,
-                    reasoning=stored.reasoning if stored else None,
-                    callback=lambda done, total, _latents: step("denoising", done, total),
-                    **_given(**settings),
-                )
-
-            pictures = await self.runner.run(job, ctx.report_progress)
-        return await self._present(f"Generated {_count(pictures)}", pictures, [], seed, stored)
+        return await self._draw(ctx, draw, [], seed, reasoning_id, settings)
 
     async def edit(self, ctx: Context, refs: list[str], instruction: str, seed: int | None,
                    reasoning_id: str | None, **settings: Any) -> CallToolResult:
+        def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
+            return self.model.edit(images, instruction, **options)
+
+        return await self._draw(ctx, draw, refs, seed, reasoning_id, settings)
+
+    async def _draw(
+        self,
+        ctx: Context,
+        draw: Callable[..., list[Image.Image]],
+        refs: list[str],
+        seed: int | None,
+        reasoning_id: str | None,
+        settings: dict[str, Any],
+    ) -> CallToolResult:
+        """Shared by generate and edit: resolve inputs, run `draw` on the model, save and present."""
         with _refusals_as_tool_errors():
-            stored = self._reasoning(reasoning_id)
+            stored = None if reasoning_id is None else self.reasonings.get(reasoning_id)
             loaded = await self._load(refs)
             seed = _seed(seed)
 
             def job(step: StepReporter) -> list[Image.Image]:
-                return self.model.edit(
+                return draw(
                     [item.image for item in loaded],
-                    instruction,
                     seed=seed,
                     reasoning=stored.reasoning if stored else None,
                     callback=lambda done, total, _latents: step("denoising", done, total),
@@ -218,15 +221,15 @@ class InternVLUTools:
                 )
 
             pictures = await self.runner.run(job, ctx.report_progress)
-        sources = ", ".join(_name(item.source) for item in loaded)
-        return await self._present(f"Edited {sources} into {_count(pictures)}", pictures, loaded, seed, stored)
+        if loaded:
+            headline = f"Edited {', '.join(_name(item.source) for item in loaded)} into {_count(pictures)}"
+        else:
+            headline = f"Generated {_count(pictures)}"
+        return await self._present(headline, pictures, loaded, seed, stored)
 
     async def _load(self, refs: list[str]) -> list[LoadedImage]:
         """Decode the referenced images in a worker thread, outside the model's queue."""
         return [await anyio.to_thread.run_sync(self.images.load, ref) for ref in refs]
-
-    def _reasoning(self, reasoning_id: str | None) -> StoredReasoning | None:
-        return None if reasoning_id is None else self.reasonings.get(reasoning_id)
 
     async def _present(
         self,
