@@ -11,6 +11,7 @@ from .errors import (
     ModelLoadError,
 )
 from .pipeline import InternVLUPipeline, InternVLUPipelineOutput, Reasoning
+from .remote import RemoteError, RemoteInternVLU
 
 __all__ = [
     "GenerationCancelled",
@@ -21,5 +22,7 @@ __all__ = [
     "InvalidInputTypeError",
     "ModelLoadError",
     "Reasoning",
+    "RemoteError",
+    "RemoteInternVLU",
 ]
 __version__ = "0.1.0"

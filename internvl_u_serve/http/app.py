@@ -76,7 +76,7 @@ class OpenAIServer:
 
     # -- plain endpoints -------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": self.settings.model_name, "waiting": self.engine.waiting})
+        return JSONResponse({"status": "ok", "model": self.settings.model_name, **self.engine.stats()})
 
     async def models(self, request: Request) -> Response:
         model = {"id": self.settings.model_name, "object": "model", "created": self.started, "owned_by": "internvl-u"}
@@ -128,9 +128,9 @@ class OpenAIServer:
                     yield _sse(self.error_for(exc, CHAT_FIELDS, "messages").body())
                     yield "data: [DONE]\n\n"
                     return
-                if result.text != sent and result.text.startswith(sent):
-                    yield chunk({"content": result.text[len(sent):]})
-                final = protocol.chat_chunk(chunk_id, created, model, {},
+                # What the last token's text held back (an undecodable byte) rides on the final chunk.
+                rest = result.text[len(sent):] if result.text.startswith(sent) else ""
+                final = protocol.chat_chunk(chunk_id, created, model, {"content": rest} if rest else {},
                                             protocol.finish_reason(result, chat.work.sampling["max_new_tokens"]))
                 if result.reasoning is not None:
                     final["cot_output"] = result.reasoning.text

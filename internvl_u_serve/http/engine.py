@@ -151,6 +151,7 @@ class Engine:
         self._closing = False
         self._seconds_per_pass = 10.0  # running estimate, for Retry-After
         self.passes = 0  # model passes run (a batch counts once), for /health
+        self.cancelled = 0  # jobs dropped or stopped because their client went away
         self._thread = threading.Thread(target=self._work, name="internvl-u-engine", daemon=True)
         self._thread.start()
 
@@ -171,6 +172,7 @@ class Engine:
         with self._lock:
             if job in self._queue:
                 self._queue.remove(job)
+                self.cancelled += 1
                 job.fail(GenerationCancelled("the client disconnected"))
 
     def drain(self) -> None:
@@ -189,9 +191,10 @@ class Engine:
                 job.cancelled.set()
         self._thread.join(timeout)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._queue), "running": len(self._running), "passes": self.passes,
+                    "cancelled": self.cancelled}
 
     # -- worker side -----------------------------------------------------------------------------
     def _next_group(self) -> list[Job] | None:
@@ -235,6 +238,8 @@ class Engine:
         except BaseException as exc:  # handed to the request, which answers with the right status
             if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
                 logger.exception("job failed")
+            if isinstance(exc, GenerationCancelled) and job.cancelled.is_set():
+                self._count_cancelled(1)
             job.fail(exc)
         else:
             job.finish(result)
@@ -260,14 +265,21 @@ class Engine:
         except BaseException as exc:
             if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
                 logger.exception("batch failed")
+            if isinstance(exc, GenerationCancelled):
+                self._count_cancelled(len(jobs))
             for job in jobs:
                 job.fail(exc)
             return
         for job, picture in zip(jobs, pictures):
             if job.cancelled.is_set():
+                self._count_cancelled(1)
                 job.fail(GenerationCancelled("the client disconnected"))
             else:
                 job.finish(DrawResult([picture]))
+
+    def _count_cancelled(self, count: int) -> None:
+        with self._lock:
+            self.cancelled += count
 
     def _text(self, job: Job, work: TextWork) -> TextResult:
         generated = 0
