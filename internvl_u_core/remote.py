@@ -223,7 +223,7 @@ class RemoteInternVLU:
                 check.integer(side, name, 1, self.limits.max_side)
         steps = check.steps(steps, self.limits)
         fields = {
-            "prompt": prompt, "n": check.count(num_images, "num_images"), "width": width, "height": height,
+            "prompt": prompt, "n": check.count(num_images, "num_images_per_prompt"), "width": width, "height": height,
             "num_inference_steps": steps, "seed": check.optional_seed(seed),
             "all_cfg_scale": _optional_number(all_cfg_scale, "all_cfg_scale"),
             "part_cfg_scale": _optional_number(part_cfg_scale, "part_cfg_scale"),

@@ -13,6 +13,7 @@ import base64
 import hmac
 import json
 import logging
+import signal
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -249,7 +250,7 @@ class OpenAIServer:
             elif url.startswith(("http://", "https://")):
                 data = await self.fetch(name, url)
             else:
-                raise bad_request("messages", f"{name}: expected a data:image/...;base64,... URI")
+                raise bad_request(name, f"{name}: expected a data:image/...;base64,... URI")
             images.append(await run_in_threadpool(protocol.decode_image, data, name, self.settings.limits))
         return images
 
@@ -258,7 +259,7 @@ class OpenAIServer:
         host = (parts.hostname or "").lower()
         if host not in self.settings.allowed_image_hosts or parts.username or parts.password:
             raise bad_request(
-                "messages",
+                name,
                 f"{name}: image URLs are not fetched (host {host!r} is not allowed); send the image as a "
                 "data:image/...;base64,... URI, or start the server with --allow-image-host HOST",
             )
@@ -269,7 +270,7 @@ class OpenAIServer:
             async with httpx.AsyncClient(follow_redirects=False, timeout=30.0) as client:
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
-                        raise bad_request("messages", f"{name}: {url} answered HTTP {response.status_code}")
+                        raise bad_request(name, f"{name}: {url} answered HTTP {response.status_code}")
                     chunks, total = [], 0
                     async for chunk in response.aiter_bytes():
                         total += len(chunk)
@@ -277,7 +278,7 @@ class OpenAIServer:
                             raise _too_large(limit)
                         chunks.append(chunk)
         except httpx.HTTPError as exc:
-            raise bad_request("messages", f"{name}: cannot fetch {url} ({exc})") from exc
+            raise bad_request(name, f"{name}: cannot fetch {url} ({exc})") from exc
         return b"".join(chunks)
 
     def submit(self, work) -> Job:
@@ -319,14 +320,16 @@ class OpenAIServer:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, which also refuses the queued jobs at once when a stop signal arrives."""
+    """uvicorn's server; a stop signal also refuses the queued jobs (503) and, after ``grace``
+    seconds, cancels the running ones (503 too), so every client gets an answer."""
 
-    def __init__(self, config: uvicorn.Config, engine: Engine):
+    def __init__(self, config: uvicorn.Config, engine: Engine, grace: float):
         super().__init__(config)
         self.engine = engine
+        self.grace = grace
 
     def handle_exit(self, sig, frame) -> None:
-        self.engine.drain()  # the engine's lock is re-entrant: safe inside a signal handler
+        self.engine.drain(self.grace)  # the engine's lock is re-entrant: safe inside a signal handler
         super().handle_exit(sig, frame)
 
 
@@ -334,8 +337,14 @@ def serve_forever(server: OpenAIServer, *, host: str, port: int, log_level: str 
                   shutdown_timeout: float = 30.0) -> None:
     """Serve until SIGTERM/SIGINT; running requests then get ``shutdown_timeout`` seconds to finish."""
     config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level, lifespan="off",
-                            timeout_graceful_shutdown=shutdown_timeout)
-    DrainingServer(config, server.engine).run()
+                            timeout_graceful_shutdown=shutdown_timeout + 10)  # a backstop: jobs stop first
+    # uvicorn raises the stop signal again once it has shut down; for SIGTERM that must not kill
+    # the process before the caller has closed the engine (the exit status is then 0).
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        DrainingServer(config, server.engine, shutdown_timeout).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 async def _cancel_on_disconnect(request: Request, job: Job, engine: Engine) -> None:

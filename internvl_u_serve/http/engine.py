@@ -149,6 +149,7 @@ class Engine:
         self._running: list[Job] = []
         self._lock = threading.Condition(threading.RLock())
         self._closing = False
+        self._grace_timer: threading.Timer | None = None
         self._seconds_per_pass = 10.0  # running estimate, for Retry-After
         self.passes = 0  # model passes run (a batch counts once), for /health
         self.cancelled = 0  # jobs dropped or stopped because their client went away
@@ -175,21 +176,28 @@ class Engine:
                 self.cancelled += 1
                 job.fail(GenerationCancelled("the client disconnected"))
 
-    def drain(self) -> None:
-        """Stop taking jobs and refuse the waiting ones; running jobs go on (until cancelled)."""
+    def drain(self, grace: float | None = None) -> None:
+        """Stop taking jobs and refuse the waiting ones; running jobs get ``grace`` seconds, then are cancelled."""
         with self._lock:
             self._closing = True
             while self._queue:
                 self._queue.popleft().fail(ShuttingDown("the server is shutting down"))
             self._lock.notify_all()
+            if grace is not None and self._grace_timer is None:
+                self._grace_timer = threading.Timer(grace, self._cancel_running)
+                self._grace_timer.daemon = True
+                self._grace_timer.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Drain, cancel what runs, and wait for the worker thread."""
         self.drain()
+        self._cancel_running()
+        self._thread.join(timeout)
+
+    def _cancel_running(self) -> None:
         with self._lock:
             for job in self._running:
                 job.cancelled.set()
-        self._thread.join(timeout)
 
     def stats(self) -> dict:
         with self._lock:

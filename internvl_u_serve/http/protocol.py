@@ -48,8 +48,7 @@ class APIError(Exception):
 
 
 def bad_request(param: str | None, message: str) -> APIError:
-    return APIError(400, message if param is None or message.startswith(param) else f"{param}: {message}",
-                    param=param, code="invalid_value")
+    return APIError(400, message, param=param, code="invalid_value")
 
 
 @contextlib.contextmanager
