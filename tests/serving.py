@@ -32,10 +32,11 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m internvl_u_core.cli serve --model <tiny checkpoint> …`` with its log in ``log_path``."""
 
-    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None):
+    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None, model_name: str = MODEL):
         self.log_path = log_path
         self.flags = list(flags)
         self.api_key = api_key
+        self.model_name = model_name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
@@ -52,7 +53,7 @@ class ServerProcess:
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [
             sys.executable, "-m", "internvl_u_core.cli", "serve", "--model", str(TINY_CHECKPOINT),
-            "--served-model-name", MODEL, "--dtype", "float32", "--device", "cpu", "--port", str(self.port),
+            "--served-model-name", self.model_name, "--dtype", "float32", "--device", "cpu", "--port", str(self.port),
             "--log-level", "warning", *self.flags,
         ]
         if self.api_key:

@@ -9,7 +9,6 @@ Starlette is also already a dependency of the MCP server's SDK, so ``[serve]`` a
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
@@ -31,7 +30,7 @@ from starlette.routing import Route
 from internvl_u_core import GenerationCancelled, InternVLUError
 
 from . import protocol
-from .engine import Engine, Job, QueueFull, ShuttingDown, TextResult, png_bytes
+from .engine import Engine, Job, QueueFull, ShuttingDown, TextResult
 from .protocol import APIError, Fields, ServerSettings, bad_request
 
 logger = logging.getLogger("internvl_u_serve.http")
@@ -167,16 +166,20 @@ class OpenAIServer:
             raise bad_request(None, f"the multipart body cannot be read: {exc.message}") from exc
         try:
             uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, UploadFile)]
-            fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
-            if not uploads:
-                raise bad_request("image", "image: at least one image file is needed")
-            if len(uploads) > self.settings.limits.max_images_per_prompt:
+            # vLLM-Omni's url / url[] fields: data: URIs (or URLs of --allow-image-host hosts), after the files.
+            urls = [v for k, v in form.multi_items() if k in ("url", "url[]") and isinstance(v, str)]
+            fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile) and k not in ("url", "url[]")}
+            count = len(uploads) + len(urls)
+            if not count:
+                raise bad_request("image", "image: at least one image file (or url) is needed")
+            if count > self.settings.limits.max_images_per_prompt:
                 raise bad_request("image", f"image: at most {self.settings.limits.max_images_per_prompt} images")
             images = []
             for i, upload in enumerate(uploads):
                 name = "image" if len(uploads) == 1 else f"image[{i}]"
                 data = await upload.read()
                 images.append(await run_in_threadpool(protocol.decode_image, data, name, self.settings.limits))
+            images += await self.load_urls([(f"url[{i}]" if len(urls) > 1 else "url", url) for i, url in enumerate(urls)])
         finally:
             await form.close()
         return await self.images(request, Fields(fields, form=True), images, edit=True)
@@ -186,7 +189,7 @@ class OpenAIServer:
         if parsed.stream:
             return self.stream_images(parsed)
         result = await self.run(request, parsed.work, IMAGES_FIELDS, "prompt")
-        return JSONResponse(await run_in_threadpool(protocol.images_response, result))
+        return JSONResponse(await run_in_threadpool(protocol.images_response, result, parsed))
 
     def stream_images(self, parsed: protocol.ImagesRequest) -> Response:
         """OpenAI's image stream: ``…partial_image`` previews, ``…progress`` steps, one ``…completed`` per image."""
@@ -206,7 +209,7 @@ class OpenAIServer:
                         yield event("progress", {"step": step, "total_steps": total})
                     else:
                         yield event("partial_image", {"step": step, "total_steps": total, "partial_image_index": index,
-                                                      "b64_json": _b64(preview), "output_format": "png"})
+                                                      "b64_json": protocol.b64(preview), "output_format": "png"})
                         index += 1
                 try:
                     result = await job.future
@@ -217,8 +220,9 @@ class OpenAIServer:
                 if result.reasoning is not None:
                     extra = {"cot_output": result.reasoning.text, "reasoning": protocol.reasoning_json(result.reasoning)}
                 for i, image in enumerate(result.images):
-                    data = await run_in_threadpool(png_bytes, image)
-                    yield event("completed", {"index": i, "b64_json": _b64(data), "output_format": "png",
+                    data = await run_in_threadpool(protocol.encode, image, parsed.output_format, parsed.quality)
+                    yield event("completed", {"index": i, "b64_json": protocol.b64(data),
+                                              "output_format": parsed.output_format,
                                               "size": f"{image.width}x{image.height}", **extra})
             finally:
                 if not job.future.done():
@@ -378,10 +382,6 @@ def _too_large(limit: int) -> APIError:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 async def _api_error(request: Request, exc: APIError) -> Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import re
 import secrets
@@ -25,7 +26,7 @@ from internvl_u_core import validation as check
 
 from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
 
-MAX_N = 10  # images per request, as OpenAI's and vLLM-Omni's image APIs allow
+MAX_N = 64  # images per request (the pipeline's own bound on num_images)
 _ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
@@ -232,23 +233,71 @@ def size_of(fields: Fields, settings: ServerSettings) -> tuple[int | None, int |
     return width, height
 
 
+# vLLM-Omni request fields that other models use but InternVL-U cannot honour: refused (400), so that
+# nobody believes they took effect. Fields without any effect on results (``user``, ``background``
+# other than transparent, ``vae_use_slicing``/``vae_use_tiling``) are accepted and ignored.
+UNSUPPORTED_FIELDS = {
+    "negative_prompt": "InternVL-U has no negative prompt (its guidance drops the condition instead)",
+    "guidance_scale": "InternVL-U's guidance is set with all_cfg_scale and part_cfg_scale",
+    "true_cfg_scale": "InternVL-U's guidance is set with all_cfg_scale and part_cfg_scale",
+    "strength": "InternVL-U edits from the input image's latents, without a noise strength",
+    "mask": "InternVL-U edits whole images; masks are not supported",
+    "mask_image": "InternVL-U edits whole images; masks are not supported",
+    "reference_image": "send every input image as an 'image' file (or content part)",
+    "lora": "this server serves one model without adapters",
+    "layers": "layered output is another model's feature",
+    "resolution": "give the output size with size (or width and height)",
+    "bot_task": "InternVL-U reasons before drawing with think=true",
+    "sys_type": "set the system message with system_prompt",
+    "use_system_prompt": "set the system message with system_prompt",
+    "infer_align_image_size": "give the output size with size (or width and height)",
+}
+EXTRA_BODY = ("all_cfg_scale", "part_cfg_scale", "timestep_trunc", "flow_shift")  # InternVL-U's declared extras
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+
+
 def refuse_unsupported(fields: Fields) -> None:
-    """Fields that other models accept but InternVL-U cannot honour: refused, not silently ignored."""
-    hints = {
-        "negative_prompt": "InternVL-U has no negative prompt (its guidance uses dropped-condition rows)",
-        "mask": "InternVL-U edits whole images; masks are not supported",
-        "guidance_scale": "use all_cfg_scale (and part_cfg_scale) for InternVL-U's guidance",
-        "true_cfg_scale": "use all_cfg_scale (and part_cfg_scale) for InternVL-U's guidance",
-    }
-    for name, hint in hints.items():
+    for name, hint in UNSUPPORTED_FIELDS.items():
         if fields.has(name):
             raise bad_request(name, f"{name} is not supported: {hint}")
-    response_format = fields.raw("response_format")
-    if response_format not in (None, "b64_json"):
+    if fields.raw("response_format") not in (None, "b64_json"):
         raise bad_request("response_format", "response_format: only 'b64_json' is supported (this server stores no files)")
-    output_format = fields.raw("output_format")
-    if output_format not in (None, "png"):
-        raise bad_request("output_format", "output_format: only 'png' is supported (lossless, the exact pixels)")
+    if fields.raw("generator_device") not in (None, "cpu"):
+        raise bad_request("generator_device", "generator_device: the noise always comes from a CPU generator seeded "
+                                              "with seed, so that results equal the in-process pipeline's")
+    if fields.raw("background") == "transparent":
+        raise bad_request("background", "background: InternVL-U draws opaque RGB images")
+
+
+def merge_extra_params(fields: Fields) -> Fields:
+    """vLLM-Omni's ``extra_params`` object may carry InternVL-U's extra-body fields instead of the top level."""
+    extra = fields.json_object("extra_params")
+    if not extra:
+        return fields
+    unknown = sorted(set(extra) - set(EXTRA_BODY))
+    if unknown:
+        raise bad_request("extra_params", f"extra_params: InternVL-U takes only {', '.join(EXTRA_BODY)}; "
+                                          f"got {', '.join(unknown)}")
+    twice = [name for name in extra if fields.has(name)]
+    if twice:
+        raise bad_request("extra_params", f"extra_params: {twice[0]} is also given at the top level; give it once")
+    return Fields({**fields.data, **extra}, form=fields.form)
+
+
+def output_format(fields: Fields) -> tuple[str, int]:
+    """``output_format`` (png: the exact pixels; jpeg/webp lossy) and ``output_compression`` (quality 0-100)."""
+    fmt = fields.raw("output_format") or "png"
+    if fmt not in OUTPUT_FORMATS:
+        raise bad_request("output_format", f"output_format must be one of png, jpeg, webp; got {fmt!r}")
+    return fmt, fields.integer("output_compression", 0, 100, default=100)
+
+
+def encode(image: Image.Image, fmt: str = "png", quality: int = 100) -> bytes:
+    if fmt == "png":
+        return png_bytes(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=OUTPUT_FORMATS[fmt], quality=quality)
+    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +324,11 @@ def decode_image(data: bytes, name: str, limits: check.Limits) -> Image.Image:
 
 
 def data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    return "data:image/png;base64," + b64(png_bytes(image))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +345,7 @@ class ChatRequest:
 def parse_chat(body, settings: ServerSettings) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request(None, "the request body must be a JSON object")
-    fields = Fields(body)
+    fields = merge_extra_params(Fields(body))
     check_model(fields, settings)
     limits = settings.limits
     system_prompt, text, image_urls = _parse_messages(body.get("messages"), limits)
@@ -425,6 +478,7 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
             "logprobs": None,
             "finish_reason": finish_reason(result, work.sampling["max_new_tokens"]),
         }]
+        out["usage"] = usage(result.tokens)
         if result.reasoning is not None:
             out["cot_output"] = result.reasoning.text
             out["reasoning"] = reasoning_json(result.reasoning)
@@ -441,10 +495,16 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
         }
         for i, image in enumerate(result.images)
     ]
+    out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
     if result.reasoning is not None:
         out["cot_output"] = result.reasoning.text
         out["reasoning"] = reasoning_json(result.reasoning)
     return out
+
+
+def usage(completion_tokens: int) -> dict:
+    """vLLM's UsageInfo; the prompt is not counted (the pipeline does not report its length): 0."""
+    return {"prompt_tokens": 0, "completion_tokens": completion_tokens, "total_tokens": completion_tokens}
 
 
 def finish_reason(result: TextResult, max_new_tokens: int) -> str:
@@ -465,11 +525,15 @@ class ImagesRequest:
     work: DrawWork
     stream: bool
     edit: bool
+    output_format: str = "png"
+    quality: int = 100
 
 
 def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Image], *, edit: bool) -> ImagesRequest:
     check_model(fields, settings)
     refuse_unsupported(fields)
+    fields = merge_extra_params(fields)
+    fmt, quality = output_format(fields)
     limits = settings.limits
     prompt = fields.string("prompt", required=True, limits=limits)
     n = fields.integer("n", 1, MAX_N, default=1)
@@ -486,15 +550,15 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
         system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
         previews=previews, stream=stream,
     )
-    return ImagesRequest(work, stream=stream, edit=edit)
+    return ImagesRequest(work, stream=stream, edit=edit, output_format=fmt, quality=quality)
 
 
-def images_response(result: DrawResult) -> dict:
+def images_response(result: DrawResult, request: ImagesRequest) -> dict:
     first = result.images[0]
     out = {
         "created": int(time.time()),
-        "data": [{"b64_json": base64.b64encode(png_bytes(image)).decode("ascii")} for image in result.images],
-        "output_format": "png",
+        "data": [{"b64_json": b64(encode(image, request.output_format, request.quality))} for image in result.images],
+        "output_format": request.output_format,
         "size": f"{first.width}x{first.height}",
     }
     if result.reasoning is not None:
