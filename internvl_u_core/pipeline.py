@@ -71,6 +71,27 @@ class Reasoning:
     num_images: int
     system_prompt: str | None = None
 
+    def to_dict(self) -> dict:
+        """JSON-ready fields (how a server sends a reasoning and takes it back)."""
+        return {"text": self.text, "token_ids": list(self.token_ids), "prompt": self.prompt,
+                "num_images": self.num_images, "system_prompt": self.system_prompt}
+
+    @classmethod
+    def from_dict(cls, data, name: str = "reasoning") -> Reasoning:
+        """The inverse of :meth:`to_dict`; a malformed ``data`` raises an error naming the bad field."""
+        if not isinstance(data, dict):
+            raise InvalidInputTypeError(f"{name} must be an object with text, token_ids, prompt and num_images")
+        ids, images, system = data.get("token_ids"), data.get("num_images", 0), data.get("system_prompt")
+        if not isinstance(data.get("text"), str) or not isinstance(data.get("prompt", ""), str):
+            raise InvalidInputTypeError(f"{name}.text and {name}.prompt must be strings")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidInputTypeError(f"{name}.token_ids must be a list of integer token ids")
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise InvalidInputError(f"{name}.num_images must be a non-negative integer, got {images!r}")
+        if system is not None and not isinstance(system, str):
+            raise InvalidInputTypeError(f"{name}.system_prompt must be a string or null")
+        return cls(data["text"], tuple(ids), data.get("prompt", ""), images, system)
+
 
 class InternVLUPipeline:
     """The whole InternVL-U model: understanding, reasoning, text-to-image and editing."""

@@ -199,13 +199,17 @@ class RemoteInternVLU:
         content.append({"type": "text", "text": text})
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         messages.append({"role": "user", "content": content})
-        return self._with_model({
+        body = {
             "messages": messages, "modalities": ["text"], "think": think,
             "max_tokens": sampling["max_new_tokens"], "min_tokens": sampling.get("min_new_tokens", 0),
-            "do_sample": sampling.get("do_sample", False), "temperature": sampling.get("temperature", 1.0),
-            "top_p": sampling.get("top_p", 1.0), "num_beams": sampling.get("num_beams", 1),
+            "do_sample": sampling.get("do_sample", False), "num_beams": sampling.get("num_beams", 1),
             "seed": check.optional_seed(seed),
-        })
+        }
+        if body["do_sample"]:
+            body.update(temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0))
+        else:
+            body["temperature"] = 0  # greedy, in OpenAI's (and vLLM's) words too
+        return self._with_model(body)
 
     def _draw_fields(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
                      flow_shift, seed, generator, num_images, reasoning, system_prompt, callback) -> dict:
@@ -222,15 +226,19 @@ class RemoteInternVLU:
             if side is not None:
                 check.integer(side, name, 1, self.limits.max_side)
         steps = check.steps(steps, self.limits)
+        # Both sides as OpenAI's size; one side alone in the width/height extension fields (the pipeline
+        # then uses it for both, as in-process).
+        size = f"{width}x{height}" if width is not None and height is not None else None
         fields = {
-            "prompt": prompt, "n": check.count(num_images, "num_images_per_prompt"), "width": width, "height": height,
+            "prompt": prompt, "n": check.count(num_images, "num_images_per_prompt"), "size": size,
+            "width": width if size is None else None, "height": height if size is None else None,
             "num_inference_steps": steps, "seed": check.optional_seed(seed),
             "all_cfg_scale": _optional_number(all_cfg_scale, "all_cfg_scale"),
             "part_cfg_scale": _optional_number(part_cfg_scale, "part_cfg_scale"),
             "timestep_trunc": _optional_number(timestep_trunc, "timestep_trunc"),
             "flow_shift": None if flow_shift is None else check.positive(flow_shift, "flow_shift"),
             "system_prompt": check.system_prompt(system_prompt, self.limits),
-            "reasoning": None if reasoning is None else _reasoning_json(reasoning),
+            "reasoning": None if reasoning is None else reasoning.to_dict(),
             "think": False,  # local generate/edit never think first, whatever the server's default
             "response_format": "b64_json",
         }
@@ -377,14 +385,8 @@ def _image(b64: str) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _reasoning_json(reasoning: Reasoning) -> dict:
-    return {"text": reasoning.text, "token_ids": list(reasoning.token_ids), "prompt": reasoning.prompt,
-            "num_images": reasoning.num_images, "system_prompt": reasoning.system_prompt}
-
-
 def _reasoning(answer: dict) -> Reasoning:
     data = answer.get("reasoning")
     if not isinstance(data, dict):
         raise RemoteError("the server's answer carries no 'reasoning' object; is it an internvl-u server?")
-    return Reasoning(text=data["text"], token_ids=tuple(data["token_ids"]), prompt=data["prompt"],
-                     num_images=data["num_images"], system_prompt=data.get("system_prompt"))
+    return Reasoning.from_dict(data)

@@ -30,10 +30,16 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m internvl_u_core.cli serve --model <tiny checkpoint> …`` with its log in ``log_path``."""
+    """``python -m internvl_u_core.cli serve --model <checkpoint> …`` (the tiny one unless told), log in ``log_path``.
 
-    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None, model_name: str = MODEL):
+    Also used by ``bench/serve.py``.
+    """
+
+    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None, model_name: str = MODEL,
+                 model: Path = TINY_CHECKPOINT, threads: int | None = None):
         self.log_path = log_path
+        self.model = model
+        self.threads = threads or torch.get_num_threads()
         self.flags = list(flags)
         self.api_key = api_key
         self.model_name = model_name
@@ -49,10 +55,10 @@ class ServerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         # The same thread count as this process: pixels are compared bit for bit with in-process calls.
-        threads = str(torch.get_num_threads())
+        threads = str(self.threads)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [
-            sys.executable, "-m", "internvl_u_core.cli", "serve", "--model", str(TINY_CHECKPOINT),
+            sys.executable, "-m", "internvl_u_core.cli", "serve", "--model", str(self.model),
             "--served-model-name", self.model_name, "--dtype", "float32", "--device", "cpu", "--port", str(self.port),
             "--log-level", "warning", *self.flags,
         ]
@@ -72,6 +78,10 @@ class ServerProcess:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"the server did not answer /health within {timeout} s:\n{self.log_tail()}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=10).json()

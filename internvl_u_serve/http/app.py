@@ -103,7 +103,7 @@ class OpenAIServer:
             return self.stream_chat(chat)
         result = await self.run(request, chat.work, CHAT_FIELDS, "messages")
         response = await run_in_threadpool(protocol.chat_response, chat, result, self.settings.model_name)
-        return JSONResponse(response)
+        return JSONResponse(response, headers=_timing(result))
 
     def stream_chat(self, chat: protocol.ChatRequest) -> Response:
         job = self.submit(chat.work)
@@ -134,7 +134,7 @@ class OpenAIServer:
                                             protocol.finish_reason(result, chat.work.sampling["max_new_tokens"]))
                 if result.reasoning is not None:
                     final["cot_output"] = result.reasoning.text
-                    final["reasoning"] = protocol.reasoning_json(result.reasoning)
+                    final["reasoning"] = result.reasoning.to_dict()
                 yield _sse(final)
                 yield "data: [DONE]\n\n"
             finally:
@@ -189,7 +189,7 @@ class OpenAIServer:
         if parsed.stream:
             return self.stream_images(parsed)
         result = await self.run(request, parsed.work, IMAGES_FIELDS, "prompt")
-        return JSONResponse(await run_in_threadpool(protocol.images_response, result, parsed))
+        return JSONResponse(await run_in_threadpool(protocol.images_response, result, parsed), headers=_timing(result))
 
     def stream_images(self, parsed: protocol.ImagesRequest) -> Response:
         """OpenAI's image stream: ``…partial_image`` previews, ``…progress`` steps, one ``…completed`` per image."""
@@ -218,7 +218,7 @@ class OpenAIServer:
                     return
                 extra = {}
                 if result.reasoning is not None:
-                    extra = {"cot_output": result.reasoning.text, "reasoning": protocol.reasoning_json(result.reasoning)}
+                    extra = {"cot_output": result.reasoning.text, "reasoning": result.reasoning.to_dict()}
                 for i, image in enumerate(result.images):
                     data = await run_in_threadpool(protocol.encode, image, parsed.output_format, parsed.quality)
                     yield event("completed", {"index": i, "b64_json": protocol.b64(data),
@@ -366,6 +366,11 @@ def _param_for(message: str, names: dict[str, str], default: str) -> str:
         if message.startswith(name) and (len(message) == len(name) or not message[len(name)].isalnum()):
             return names.get(name, name)
     return default
+
+
+def _timing(result) -> dict[str, str]:
+    """``Server-Timing``: the time the job spent in the pipeline (the rest of a round trip is serving)."""
+    return {"Server-Timing": f"pipeline;dur={result.seconds * 1000:.1f}"}
 
 
 def _json(body: bytes):

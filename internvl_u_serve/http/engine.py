@@ -85,12 +85,14 @@ class TextResult:
     text: str
     tokens: int  # new tokens generated
     reasoning: Reasoning | None = None
+    seconds: float = 0.0  # time in the pipeline (Server-Timing)
 
 
 @dataclass
 class DrawResult:
     images: list[Image.Image]
     reasoning: Reasoning | None = None  # the chain-of-thought of a think-mode draw
+    seconds: float = 0.0  # time in the pipeline, the whole batch's for a batched draw
 
 
 @dataclass
@@ -242,7 +244,9 @@ class Engine:
     def _run_one(self, job: Job) -> None:
         try:
             work = job.work
+            started = time.perf_counter()
             result = self._text(job, work) if isinstance(work, TextWork) else self._draw(job, work)
+            result.seconds = time.perf_counter() - started
         except BaseException as exc:  # handed to the request, which answers with the right status
             if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
                 logger.exception("job failed")
@@ -263,6 +267,7 @@ class Engine:
                 self._progress(job, step, total, latents[row : row + 1])
             return None
 
+        started = time.perf_counter()
         try:
             pictures = self.pipe.generate_batch(
                 [w.prompt for w in works], [w.seed for w in works],
@@ -283,7 +288,7 @@ class Engine:
                 self._count_cancelled(1)
                 job.fail(GenerationCancelled("the client disconnected"))
             else:
-                job.finish(DrawResult([picture]))
+                job.finish(DrawResult([picture], seconds=time.perf_counter() - started))
 
     def _count_cancelled(self, count: int) -> None:
         with self._lock:

@@ -168,22 +168,8 @@ def parse_reasoning(fields: Fields) -> Reasoning | None:
     data = fields.json_object("reasoning")
     if data is None:
         return None
-    text, ids = data.get("text"), data.get("token_ids")
-    prompt, images, system = data.get("prompt", ""), data.get("num_images", 0), data.get("system_prompt")
-    if not isinstance(text, str):
-        raise bad_request("reasoning", "reasoning.text must be a string")
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise bad_request("reasoning", "reasoning.token_ids must be a list of integer token ids")
-    if not isinstance(prompt, str) or (system is not None and not isinstance(system, str)):
-        raise bad_request("reasoning", "reasoning.prompt and reasoning.system_prompt must be strings")
-    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
-        raise bad_request("reasoning", "reasoning.num_images must be a non-negative integer")
-    return Reasoning(text=text, token_ids=tuple(ids), prompt=prompt, num_images=images, system_prompt=system)
-
-
-def reasoning_json(reasoning: Reasoning) -> dict:
-    return {"text": reasoning.text, "token_ids": list(reasoning.token_ids), "prompt": reasoning.prompt,
-            "num_images": reasoning.num_images, "system_prompt": reasoning.system_prompt}
+    with field_named("reasoning"):
+        return Reasoning.from_dict(data)
 
 
 def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, height: int | None) -> dict:
@@ -201,7 +187,7 @@ def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, h
 
 def seed_of(fields: Fields) -> int:
     """The request's seed, or a fresh random one (every draw job carries its own seed)."""
-    seed = fields.integer("seed", 0, 2**64 - 1)
+    seed = fields.integer("seed", 0, check.MAX_SEED)
     return secrets.randbelow(2**63) if seed is None else seed
 
 
@@ -386,7 +372,7 @@ def _sampling(fields: Fields, limits: check.Limits) -> dict:
     do_sample = fields.boolean("do_sample")
     if do_sample is None:
         do_sample = bool(temperature) or (top_p is not None and top_p < 1)
-    out = {"do_sample": do_sample, "seed": fields.integer("seed", 0, 2**64 - 1)}
+    out = {"do_sample": do_sample, "seed": fields.integer("seed", 0, check.MAX_SEED)}
     if temperature:
         out["temperature"] = temperature
     if top_p is not None:
@@ -481,7 +467,7 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
         out["usage"] = usage(result.tokens)
         if result.reasoning is not None:
             out["cot_output"] = result.reasoning.text
-            out["reasoning"] = reasoning_json(result.reasoning)
+            out["reasoning"] = result.reasoning.to_dict()
         return out
     thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
     out["choices"] = [
@@ -498,7 +484,7 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
     out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
     if result.reasoning is not None:
         out["cot_output"] = result.reasoning.text
-        out["reasoning"] = reasoning_json(result.reasoning)
+        out["reasoning"] = result.reasoning.to_dict()
     return out
 
 
@@ -563,5 +549,5 @@ def images_response(result: DrawResult, request: ImagesRequest) -> dict:
     }
     if result.reasoning is not None:
         out["cot_output"] = result.reasoning.text
-        out["reasoning"] = reasoning_json(result.reasoning)
+        out["reasoning"] = result.reasoning.to_dict()
     return out
