@@ -559,7 +559,7 @@ class InternVLUPipeline:
         )
         references = [cond["references"][r] for r in order]
         has_refs = any(r is not None for r in references)
-        channels = decoder.config.latent_channels
+        channels = decoder.decoder.latent_channels
         context = decoder.decoder.prepare_context(
             encoder_hidden_states=hidden,
             encoder_attention_mask=text_mask,
@@ -589,7 +589,7 @@ class InternVLUPipeline:
                 self._record(f"decoder_step0.{name}", value)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings["num_inference_steps"], device=device)
-        timestep_scale = decoder.config.timestep_scale
+        timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * groups).to(dtype)
