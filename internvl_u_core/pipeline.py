@@ -681,17 +681,17 @@ def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The Qwen-Image VAE, built on the meta device and loaded like the other components."""
     from diffusers import AutoencoderKLQwenImage
 
-    from .loading import safetensors_files
-
-    safetensors_files(folder)  # refuses pickle-only folders with a clear message
+    config = read_json(folder / "config.json")
     try:
-        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
+        vae = _build_on_meta(lambda: AutoencoderKLQwenImage.from_config(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
+    load_weights_into(vae, folder, dtype=dtype, device=device)
     use_single_frame_convolutions(vae)
-    return vae.to(device).eval()
+    return vae.eval()
 
 
 def load_scheduler(folder: Path):
