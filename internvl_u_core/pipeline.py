@@ -27,6 +27,7 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
+    use_reference_norms,
     use_single_frame_convolutions,
 )
 from .textgen import TokenCallback, generate_tokens
@@ -691,6 +692,7 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
     load_weights_into(vae, folder, dtype=dtype, device=device)
     use_single_frame_convolutions(vae)
+    use_reference_norms(vae)
     return vae.eval()
 
 
