@@ -2,8 +2,8 @@
 
 On a CUDA device: a random-weight checkpoint at the released widths and depths, stored in
 bfloat16 (built once into ``--cache``), a 1024² text-to-image call with 20 steps in bfloat16, run
-by our pipeline with every attention backend diffusers can use there and with regional compilation
-off and on, and by the official reference side by side (``--reference``, its own packages in
+by our pipeline with every attention backend diffusers can use there, with the first-block cache
+(lossy, opt-in) and with regional compilation, and by the official reference side by side (``--reference``, its own packages in
 ``--reference-site``). Reports time per image, DiT time per step, peak VRAM, the pixel difference
 between the variants and against the reference, and the DiT's compute floor: its FLOPs for the
 call over the matrix-multiply rate measured on the device.
@@ -36,6 +36,7 @@ TINY_CHECKPOINT = REPO / "tests" / "fixtures" / "internvlu-tiny" / "checkpoint"
 CUDA_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flex", "flash", "_flash_3",
                  "sage", "xformers")
 CPU_BACKENDS = ("native", "_native_math")
+FBCACHE_THRESHOLD = 0.05
 
 
 def log(message: str) -> None:
@@ -146,6 +147,11 @@ def child_ours(args) -> dict:
             continue
         measure(backend)
     dit.set_attention_backend("native")
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    dit.enable_cache(FirstBlockCacheConfig(threshold=FBCACHE_THRESHOLD))  # the opt-in, lossy speed-up
+    measure(f"native-fbcache-{FBCACHE_THRESHOLD}")
+    dit.disable_cache()
     dit.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
     measure(f"native-compiled-{args.compile_backend}")
     result["rows_tokens"] = rows[-1] if rows else None

@@ -64,6 +64,18 @@ def _vae_tiling(pipe, device):
     pipe.enable_vae_tiling()
 
 
+def _fbcache(pipe, device):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    _require_attr(pipe.generation_decoder.decoder, "enable_cache", "fbcache")
+    pipe.generation_decoder.decoder.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+
+
+def _compile(pipe, device):
+    _require_attr(pipe.generation_decoder.decoder, "compile_repeated_blocks", "compile")
+    pipe.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True)
+
+
 def _require_attr(obj, name, setting):
     if not hasattr(obj, name):
         raise RuntimeError(f"setting {setting!r} needs {type(obj).__name__}.{name}, which this code does not have")
@@ -77,6 +89,9 @@ SETTINGS = {
     "offload": ("pipe.enable_model_cpu_offload(device): components on the CPU, moved to the GPU to run",
                 True, (_offload,)),
     "vae_tiling": ("pipe.enable_vae_tiling(): VAE encode/decode in overlapping tiles", False, (_vae_tiling,)),
+    "fbcache": ("DiT first-block cache, threshold 0.05 (lossy: bench/cache_drift.py measures the drift)", False,
+                (_fbcache,)),
+    "compile": ("regional torch.compile of the DiT blocks (the warm-up run compiles)", False, (_compile,)),
 }
 
 

@@ -23,7 +23,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
     doc = json.loads((out / "gpu-check.json").read_text())
     assert doc["device"] == "cpu" and doc["config"]["size"] == 64 and doc["config"]["steps"] == 2
     variants = doc["ours"]["variants"]
-    assert set(variants) == {"native", "_native_math", "native-compiled-eager"}
+    assert set(variants) == {"native", "_native_math", "native-fbcache-0.05", "native-compiled-eager"}
     for name, variant in variants.items():
         assert variant["total_median_s"] > 0 and variant["dit_step_median_s"] > 0, name
     # Compiling the blocks changes no number; another SDPA kernel only rounds differently in bf16.
