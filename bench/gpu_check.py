@@ -296,6 +296,9 @@ def main(argv=None) -> int:
     images = args.images or args.cache / "images"
     for folder in (out, images):
         folder.mkdir(parents=True, exist_ok=True)
+    if args.ours_site:  # the checkpoint build runs our code in a subprocess: it needs our packages too
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(args.ours_site).resolve())] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     if cuda:
         ckpt = ensure_checkpoint("all", say=log, cache=args.cache, dtype="bfloat16")
         log(f"checkpoint ready after {time.perf_counter() - started:.0f} s: {ckpt}")
@@ -312,6 +315,7 @@ def main(argv=None) -> int:
         "matmul_tflops": matmul_tflops(args.device),
     }
     doc["ours"] = _run_child("ours", args, ckpt, images)
+    (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))  # partial results survive a timeout
     doc["reference"] = _run_child("reference", args, ckpt, images) if args.reference else {
         "skipped": "no --reference folder given"}
     baseline = images / "ours-native.png"

@@ -16,8 +16,10 @@ REFERENCE_WHEELS=("transformers==4.52.3" "diffusers==0.35.1" "tokenizers==0.21.4
 if [[ "${1:-}" == "prepare" ]]; then
     reference="${2:?usage: bench/gpu_check.sh prepare REFERENCE_DIR (a copy of the official InternVL-U code)}"
     [[ -d "$reference/internvlu" ]] || { echo "$reference has no internvlu/ package" >&2; exit 2; }
+    exclude="$(git rev-parse --git-path info/exclude)"
+    mkdir -p "$(dirname "$exclude")"
     for path in /.whl/ /.ref/; do
-        grep -qxF "$path" .git/info/exclude 2>/dev/null || echo "$path" >> "$(git rev-parse --git-path info/exclude)"
+        grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >> "$exclude"
     done
     rm -rf .whl .ref && mkdir -p .whl/ours .whl/reference .ref
     download=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
