@@ -143,14 +143,14 @@ def test_loader_lists_local_folders_and_hub_ids(
     (tmp_path / "group" / "mine").mkdir(parents=True)
     (tmp_path / "group" / "mine" / "model_index.json").write_text("{}")
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
-    assert options() == ["group/mine", "OpenGVLab/InternVL-U"]
+    assert options() == ["group/mine", "InternVL-U/InternVL-U"]
 
 
 def test_loader_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
     loader = SPECS["InternVLU_Loader"]
     with pytest.raises(FileNotFoundError, match="allow_download"):
-        loader.run(checkpoint="OpenGVLab/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
+        loader.run(checkpoint="InternVL-U/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
     with pytest.raises(FileNotFoundError, match="No InternVL-U checkpoint named 'nope'"):
         loader.run(checkpoint="nope", dtype="auto", device="cpu", memory="keep_loaded")
 
