@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import Field
 
 from agent_tools import PROGRESS_EVENT, InternVLUToolkit
-from internvl_u_core import InternVLUPipeline, ModelLoadError
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, ModelLoadError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "internvlu-tiny"
 IMAGE_ID = re.compile(r"img_[0-9a-f]{12}")
@@ -133,8 +133,8 @@ def test_toolkit_offers_four_tools_with_bounded_schemas(lazy_toolkit: InternVLUT
     assert [t.name for t in tools] == ["understand_image", "reason", "generate_image", "edit_image"]
     schema = tool(lazy_toolkit, "generate_image").tool_call_schema.model_json_schema()
     width = schema["properties"]["width"]["anyOf"][0]
-    assert (width["minimum"], width["maximum"]) == (16, 2048)
-    assert schema["properties"]["steps"]["maximum"] == 100
+    assert (width["minimum"], width["maximum"]) == (DEFAULT_LIMITS.min_side, DEFAULT_LIMITS.max_side)
+    assert schema["properties"]["steps"]["maximum"] == DEFAULT_LIMITS.max_steps
     assert schema["required"] == ["prompt"]
     assert all(t.response_format == "content_and_artifact" and t.handle_tool_error for t in tools)
     assert not lazy_toolkit.session.runner.is_loaded  # building the tools loads nothing
