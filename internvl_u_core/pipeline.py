@@ -37,6 +37,7 @@ from .sampling import (
     use_single_frame_convolutions,
 )
 from .textgen import TokenCallback, generate_tokens
+from .tracing import RunTrace, TraceSink
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
 
 logger = logging.getLogger("internvl_u_core")
@@ -71,6 +72,18 @@ class DiffusionSettings:
     all_cfg_scale: float
     part_cfg_scale: float
     generator: torch.Generator | list[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the decoder is conditioned on, one entry per guidance row (full, part, uncond × prompts)."""
+
+    spans: list[tuple[torch.Tensor, torch.Tensor]]  # the row's VLM features and their image-token mask
+    image_fhw: list[torch.Tensor]  # ViT grid (frames, h, w) of each input image of the row
+    references: list[torch.Tensor | None]  # VAE latents of the row's input images
+    reference_grids: list[torch.Tensor | None]  # their latent grids
+    target_grid: torch.Tensor  # [rows, 3] latent grid of the image to draw
+    uncond_equals_part: bool  # no input images: the two dropped rows are one prompt, computed once
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,8 @@ class InternVLUPipeline:
         # Skip work whose result the reference throws away (benchmarks switch it off to compare).
         self.dedupe_guidance_rows = True
         self.limits = replace(DEFAULT_LIMITS)
-        # Tests set this to a callable(name, tensor) to compare every stage with the reference.
-        self.recorder: Callable[[str, torch.Tensor], None] | None = None
+        # Tests set this to a callable(name, tensor) to compare every stage with the reference (see tracing).
+        self.recorder: TraceSink | None = None
         tok = processor.token_id
         self.im_start_id = tok(IM_START)
         self.im_end_id = tok(IM_END)
@@ -447,20 +460,6 @@ class InternVLUPipeline:
                 reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
             return self._generate_images([prompt], [pictures], system_prompt, settings, reasoning_ids, request.callback)
 
-    def _record(self, name: str, value) -> None:
-        if self.recorder is not None:
-            self.recorder(name, value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-
-    def _record_batch(self, batch: ProcessorOutput, input_ids, attention_mask) -> None:
-        if self.recorder is None:
-            return
-        for name in ("input_ids", "attention_mask", "pixel_values", "pixel_values_gen", "image_grid_thw_gen",
-                     "generation_flags"):
-            if getattr(batch, name) is not None:
-                self._record(f"processor.0.{name}", getattr(batch, name))
-        self._record("vlm_image_stage.input_ids.0", input_ids)
-        self._record("vlm_image_stage.attention_mask.0", attention_mask)
-
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -541,12 +540,13 @@ class InternVLUPipeline:
                 input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
             )
         check.prompt_length(input_ids.shape[1], 0, self.max_prompt_tokens, "prompt")
-        self._record_batch(batch, input_ids, attention_mask)
-        cond = self._conditioning(batch, input_ids, attention_mask)
-        latents = self._sample(batch, cond, settings, callback)
-        return self._to_pictures(latents, (settings.width, settings.height))
+        trace = RunTrace(self.recorder)
+        trace.prompts(batch, input_ids, attention_mask)
+        cond = self._conditioning(batch, input_ids, attention_mask, trace)
+        latents = self._sample(batch, cond, settings, callback, trace)
+        return self._to_pictures(latents, (settings.width, settings.height), trace)
 
-    def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask) -> dict:
+    def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask, trace: RunTrace) -> Conditioning:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
         decoder_config = self.generation_decoder.config
         vlm_device = self._activate(self.vlm)
@@ -569,6 +569,7 @@ class InternVLUPipeline:
         spans = conditioning_spans(
             features, input_ids, attention_mask, im_start_id=self.im_start_id, image_context_id=self.image_context_id
         )
+        trace.conditioning(spans)
         # ViT grid per input image of a row (h, w after pixel shuffle).
         side = 0
         if batch.pixel_values is not None:
@@ -583,7 +584,7 @@ class InternVLUPipeline:
             self._activate(self.vae)
             latents = self.codec.encode(batch.pixel_values_gen[:unique])  # both halves hold the same images
             latents = torch.cat([latents, latents])
-            self._record("diffusion.cond_latents", latents)
+            trace.record("diffusion.cond_latents", latents)
             grids = batch.image_grid_thw_gen[batch.generation_flags == 0]
             cursor = 0
             for row, k in enumerate(row_counts):
@@ -591,17 +592,18 @@ class InternVLUPipeline:
                     references[row] = latents[cursor : cursor + k]
                     reference_grids[row] = grids[cursor : cursor + k]
                 cursor += k
-        return {
-            # With no input images the two dropped rows are the same prompt: the decoder runs them once.
-            "uncond_equals_part": torch.equal(source[n : 2 * n], source[2 * n :]),
-            "spans": spans,
-            "image_fhw": image_fhw,
-            "references": references,
-            "reference_grids": reference_grids,
-            "target_grid": batch.image_grid_thw_gen[batch.generation_flags == 1],
-        }
+        return Conditioning(
+            spans=spans,
+            image_fhw=image_fhw,
+            references=references,
+            reference_grids=reference_grids,
+            target_grid=batch.image_grid_thw_gen[batch.generation_flags == 1],
+            uncond_equals_part=torch.equal(source[n : 2 * n], source[2 * n :]),
+        )
 
-    def _sample(self, batch: ProcessorOutput, cond: dict, settings: DiffusionSettings, callback) -> torch.Tensor:
+    def _sample(
+        self, batch: ProcessorOutput, cond: Conditioning, settings: DiffusionSettings, callback, trace: RunTrace
+    ) -> torch.Tensor:
         """The denoising loop; returns float32 latents ``[n·m, C, H/8, W/8]``."""
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -610,43 +612,38 @@ class InternVLUPipeline:
         dtype = next(decoder.parameters()).dtype
         n, copies = batch.num_prompts, settings.images_per_prompt
         h_gen, w_gen = batch.gen_size
-        # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m].
-        groups = 2 if cond["uncond_equals_part"] else 3
+        # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m];
+        # when the dropped rows are identical, the uncond group is not computed at all.
+        groups = 2 if cond.uncond_equals_part else 3
+        draws = n * copies
         order = [r for r in range(groups * n) for _ in range(copies)]
-        spans = [cond["spans"][r] for r in order]
+        spans = [cond.spans[r] for r in order]
         hidden, text_mask, image_mask = decoder.prepare_forward_input(
             [s[0].to(device, dtype) for s in spans], [s[1].to(device) for s in spans]
         )
-        references = [cond["references"][r] for r in order]
+        computed = list(range(groups * draws))  # the uncond group, when skipped, is the part group's rows
+        trace.decoder_context(hidden, text_mask, image_mask, computed if groups == 3 else computed + computed[draws:])
+        references = [cond.references[r] for r in order]
         has_refs = any(r is not None for r in references)
         channels = decoder.config.latent_channels
         context = decoder.decoder.prepare_context(
             encoder_hidden_states=hidden,
             encoder_attention_mask=text_mask,
             encoder_image_token_mask=image_mask,
-            image_grid_thw_gen=cond["target_grid"][order].to(device),
-            image_fhw_cond=[cond["image_fhw"][r].to(device) for r in order],
+            image_grid_thw_gen=cond.target_grid[order].to(device),
+            image_fhw_cond=[cond.image_fhw[r].to(device) for r in order],
             conditional_input=[
                 (r if r is not None else torch.zeros(0, channels, 1, 1)).to(device, dtype) for r in references
             ] if has_refs else None,
             image_grid_thw_gen_cond=[
                 (g if g is not None else torch.zeros(0, 3, dtype=torch.long)).to(device)
-                for g in (cond["reference_grids"][r] for r in order)
+                for g in (cond.reference_grids[r] for r in order)
             ] if has_refs else None,
         )
         scale = self.codec.scale_factor
-        shape = (n * copies, channels, h_gen // scale, w_gen // scale)
+        shape = (draws, channels, h_gen // scale, w_gen // scale)
         latents = randn_tensor(shape, generator=settings.generator, device=device, dtype=torch.float32)
-        self._record("diffusion.initial_latents", latents)
-        if self.recorder is not None:
-            for k, (states, image_mask_k) in enumerate(cond["spans"]):
-                self._record(f"cond.encoder_hidden_states.{k}", states)
-                self._record(f"cond.encoder_image_token_mask.{k}", image_mask_k)
-            for name, value in (("encoder_hidden_states", hidden), ("encoder_attention_mask", text_mask),
-                                ("encoder_image_token_mask", image_mask)):
-                if groups == 2:  # show the deduplicated row as the reference's third group
-                    value = torch.cat([value, value[n * copies :]])
-                self._record(f"decoder_step0.{name}", value)
+        trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
         timestep_scale = decoder.config.timestep_scale
@@ -655,32 +652,22 @@ class InternVLUPipeline:
             model_input = torch.cat([latents] * groups).to(dtype)
             timestep = t.expand(model_input.shape[0]).to(torch.float32) * timestep_scale
             prediction = decoder.decoder.forward_with_context(model_input, timestep, context).to(torch.float32)
-            if groups == 2:  # the dropped rows were identical: reuse the part prediction for uncond
-                prediction = torch.cat([prediction, prediction[latents.shape[0] :]])
-            v_full, v_part, v_uncond = prediction.chunk(3)
-            guided = combine_guidance(
-                v_full, v_part, v_uncond, int(t), settings.all_cfg_scale, settings.part_cfg_scale
-            )
-            if self.recorder is not None:
-                if index == 0:
-                    self._record("decoder_step0.hidden_states", torch.cat([latents] * 3))
-                    self._record("decoder_step0.timestep", timestep[:1].expand(3 * latents.shape[0]))
-                    self._record("decoder_step0.output", prediction)
-                for name, value in (("timestep", t), ("raw_noise_pred", prediction), ("guided_noise_pred", guided),
-                                    ("latents_before_step", latents)):
-                    self._record(f"diffusion.{name}.{index}", value)
-            latents = scheduler.step(guided, t, latents, return_dict=False)[0]
-            self._record(f"diffusion.latents_after_step.{index}", latents)
+            v_full, v_part = prediction[:draws], prediction[draws : 2 * draws]
+            v_uncond = prediction[2 * draws :] if groups == 3 else v_part  # identical rows: the same prediction
+            guided = combine_guidance(v_full, v_part, v_uncond, int(t), settings.all_cfg_scale, settings.part_cfg_scale)
+            stepped = scheduler.step(guided, t, latents, return_dict=False)[0]
+            trace.step(index, t, model_input, timestep, prediction, guided, latents, stepped)
+            latents = stepped
             check.run_callback(callback, index + 1, total, latents)
-        self._record("diffusion.final_latents", latents)
+        trace.record("diffusion.final_latents", latents)
         return latents
 
-    def _to_pictures(self, latents, requested) -> list[Image.Image]:
+    def _to_pictures(self, latents, requested, trace: RunTrace) -> list[Image.Image]:
         self._activate(self.vae)
         pictures = []
         for sample in latents.split(1):
             pixels = self.codec.decode(sample)
-            self._record("diffusion.decoded_pixels", pixels)
+            trace.record("diffusion.decoded_pixels", pixels)
             pictures += pixels_to_pil(pixels)
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
