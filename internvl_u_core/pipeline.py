@@ -34,7 +34,6 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
-    use_single_frame_convolutions,
 )
 from .textgen import TokenCallback, generate_tokens
 from .tracing import RunTrace, TraceSink
@@ -737,7 +736,6 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
         vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
-    use_single_frame_convolutions(vae)
     return vae.to(device).eval()
 
 
