@@ -10,7 +10,6 @@ REASONING_PREFIX = "rsn_"
 _TOKEN_BYTES = 6  # 12 hex digits: short enough for a model to copy, too many to guess
 
 IMAGE_ID_PATTERN = re.compile(r"img_[0-9a-f]{12}")
-REASONING_ID_PATTERN = re.compile(r"rsn_[0-9a-f]{12}")
 
 
 def new_image_id() -> str:

@@ -264,7 +264,7 @@ class InternVLUPipeline:
     ) -> InternVLUPipelineOutput:
         """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
         mode = check.generation_mode(generation_mode)
-        prompts, images = check.prompts_and_images(prompt, image, mode, self.limits)
+        prompts, images = check.prompts_and_images(prompt, image, limits=self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
         with self._lock:
