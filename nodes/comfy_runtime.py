@@ -139,19 +139,14 @@ def resolve_devices(choice: str) -> tuple[Any, Any]:
 
 
 def resolve_dtype(choice: str, device: Any) -> Any:
-    """The torch dtype for a loader ``dtype`` choice; "auto" is fp32 on CPU, else bf16 or fp16."""
-    import torch
-
-    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if choice in named:
-        return named[choice]
-    if device.type == "cpu":
-        return torch.float32
+    """The torch dtype for a loader ``dtype`` choice: ComfyUI picks "auto" on an accelerator, else the core does."""
     mm = comfy_module("comfy.model_management")
-    if mm is not None:
+    if choice == "auto" and mm is not None and device.type != "cpu":
+        import torch
+
         if mm.should_use_bf16(device):
             return torch.bfloat16
         return torch.float16 if mm.should_use_fp16(device) else torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    from .core_import import core
+
+    return core().validation.dtype(choice, device)

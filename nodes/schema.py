@@ -21,9 +21,6 @@ ANY_TYPE = "*"
 #: Input types that ComfyUI shows as widgets (unless ``force_input`` is set).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 
-#: The largest seed ComfyUI's seed widgets accept.
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
 
 @dataclass(frozen=True)
 class InputSpec:

@@ -11,6 +11,7 @@ from .common_inputs import (
     system_prompt_input,
     text_generation_inputs,
 )
+from .core_import import core
 from .images import collect_images
 from .model_handle import InternVLUModel
 from .schema import NODE_ID_PREFIX, REASONING_TYPE, InputSpec, NodeResult, NodeSpec, OutputSpec
@@ -74,7 +75,7 @@ UNDERSTAND = NodeSpec(
             default="Describe this image in detail.",
             multiline=True,
         ),
-        *text_generation_inputs(256),
+        *text_generation_inputs(core().limits.DEFAULT_ANSWER_TOKENS),
         more_images_input(),
         system_prompt_input(),
     ),
@@ -124,7 +125,7 @@ REASON = NodeSpec(
             default="",
             multiline=True,
         ),
-        *text_generation_inputs(200),
+        *text_generation_inputs(core().limits.DEFAULT_REASONING_TOKENS),
         InputSpec(
             "image",
             "IMAGE",

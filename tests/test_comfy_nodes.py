@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from internvl_u_core import DEFAULT_LIMITS, CheckpointNotDownloaded  # noqa: E402
 from nodes import all_specs  # noqa: E402
 from nodes.comfy_runtime import ProcessingInterrupted, request_interrupt  # noqa: E402
 from nodes.images import pils_to_tensor, tensor_to_pils  # noqa: E402
-from nodes.schema import CATEGORY, MAX_SEED, object_info  # noqa: E402
+from nodes.schema import CATEGORY, object_info  # noqa: E402
+
+COMFY_MAX_SEED = 0xFFFFFFFFFFFFFFFF  # the largest value ComfyUI's seed widgets hold
 
 TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
 SPECS = {spec.node_id: spec for spec in all_specs()}
@@ -57,7 +60,8 @@ def test_v3_schema_rules(node_id: str) -> None:
         if inp.type == "INT":
             assert inp.max is not None, "without max the frontend caps INT widgets at 2048"
         if inp.name == "seed":
-            assert (inp.min, inp.max) == (0, MAX_SEED) and inp.control_after_generate
+            assert (inp.min, inp.max) == (0, DEFAULT_LIMITS.max_seed) and inp.control_after_generate
+            assert inp.max <= COMFY_MAX_SEED
         if inp.type == "COMBO" and not callable(inp.options):
             assert inp.default in inp.option_list()
 
@@ -143,16 +147,21 @@ def test_loader_lists_local_folders_and_hub_ids(
     (tmp_path / "group" / "mine").mkdir(parents=True)
     (tmp_path / "group" / "mine" / "model_index.json").write_text("{}")
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
-    assert options() == ["group/mine", "OpenGVLab/InternVL-U"]
+    assert options() == ["group/mine", "InternVL-U/InternVL-U"]
 
 
 def test_loader_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
     loader = SPECS["InternVLU_Loader"]
     with pytest.raises(FileNotFoundError, match="allow_download"):
-        loader.run(checkpoint="OpenGVLab/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
+        loader.run(checkpoint="InternVL-U/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
     with pytest.raises(FileNotFoundError, match="No InternVL-U checkpoint named 'nope'"):
         loader.run(checkpoint="nope", dtype="auto", device="cpu", memory="keep_loaded")
+    # Downloads go through the core's one hub download (allow-list, offline mode, clear errors).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotDownloaded, match="InternVL-U/InternVL-U"):
+        loader.run(checkpoint="InternVL-U/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded",
+                   allow_download=True)
 
 
 def test_equal_settings_share_one_model(model: Any) -> None:

@@ -255,7 +255,7 @@ def test_api_workflow_completes(server: Server, name: str) -> None:
 
 def test_interrupt_stops_a_running_generation(server: Server) -> None:
     server.wait(server.queue(fast_prompt("internvlu_text_to_image")))  # model loaded and cached
-    # The node's maximum step count at a larger size: long enough to be caught mid-run on any machine.
+    # Many steps at a larger size: long enough to be caught mid-run on any machine.
     long_run = fast_prompt("internvlu_text_to_image",
                            InternVLU_Generate={"steps": 200, "seed": 5, "width": 512, "height": 512})
     prompt_id = server.queue(long_run)
@@ -263,10 +263,8 @@ def test_interrupt_stops_a_running_generation(server: Server) -> None:
     while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
-    started = time.monotonic()
     server.post("/interrupt", {})
     entry = server.wait(prompt_id, timeout=60)
-    assert time.monotonic() - started < 20
     events = {event: data for event, data in entry["status"]["messages"]}
     assert "execution_interrupted" in events, entry["status"]
     generate_node = next(i for i, n in long_run.items() if n["class_type"] == "InternVLU_Generate")
