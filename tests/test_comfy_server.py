@@ -39,7 +39,7 @@ WORKFLOW_NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
 FAST = {
     "InternVLU_Understand": {"max_new_tokens": 8},
     "InternVLU_Reason": {"max_new_tokens": 8},
-    "InternVLU_Generate": {"width": 64, "height": 64, "steps": 2},
+    "InternVLU_Generate": {"resolution": "custom (width x height)", "width": 64, "height": 64, "steps": 2},
     "InternVLU_Edit": {"steps": 2},
 }
 
