@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,13 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
 from nodes import all_specs  # noqa: E402
 from workflows.tools.core_nodes import CORE_NODES  # noqa: E402
+from workflows.tools.definitions import CAPTION_FOLDER, QWEN_IMAGE_VAE  # noqa: E402
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 PACK_NAME = "ComfyUI-InternVL-U"
 TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
+#: A checkpoint with the released VAE's architecture (16 latent channels, ComfyUI loads only that
+#: shape as a Qwen-Image VAE) and a tiny VLM/transformer, written by the fixture; the latent
+#: hand-off workflow runs on it.
+WAN_CHECKPOINT = "InternVL-U-wan"
+CAPTION_NAMES = ("a_fox", "b_fox_inverted", "c_lake")
 API_DIR = ROOT / "workflows" / "api"
 WORKFLOW_NAMES = sorted(p.stem for p in API_DIR.glob("*.json"))
 FAST = {
@@ -67,8 +77,13 @@ class Server:
         (custom_nodes / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
         (models / "InternVL-U").symlink_to(TINY / "checkpoint", target_is_directory=True)
         shutil.copy(TINY / "inputs" / "img_fox_80x60.png", self.base / "input" / "example.png")
+        write_caption_folder(self.base / "input" / CAPTION_FOLDER)
+        vae_dir = self.base / "models" / "vae"
+        write_wan_checkpoint(models / WAN_CHECKPOINT, vae_dir / QWEN_IMAGE_VAE)
         config = self.base / "extra_model_paths.yaml"
-        config.write_text(f"internvlu_test:\n    custom_nodes: {custom_nodes}\n    internvl_u: {models}\n")
+        config.write_text(
+            f"internvlu_test:\n    custom_nodes: {custom_nodes}\n    internvl_u: {models}\n    vae: {vae_dir}\n"
+        )
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         command = [
@@ -158,6 +173,69 @@ class Server:
         raise TimeoutError(f"prompt {prompt_id} did not finish:\n{self.log()[-4000:]}")
 
 
+def write_caption_folder(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    fox = Image.open(TINY / "inputs" / "img_fox_80x60.png").convert("RGB")
+    lake = Image.open(TINY / "inputs" / "img_lake_70x70.png").convert("RGB")
+    for name, picture in zip(CAPTION_NAMES, (fox, ImageOps.invert(fox), lake)):
+        picture.save(folder / f"{name}.png")
+
+
+def write_wan_checkpoint(checkpoint: Path, comfy_vae: Path) -> None:
+    """A random checkpoint whose VAE has the released (Wan 2.1) shape, and that VAE in ComfyUI's format."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from internvl_u_core.random_checkpoint import write_random_checkpoint
+
+    write_random_checkpoint(
+        checkpoint, processor_source=TINY / "checkpoint", vit_layers=1, llm_layers=1, dit_layers=1,
+        vision={"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "image_size": 56},
+        llm={"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "vocab_size": 420, "max_position_embeddings": 2048},
+        decoder={"attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 128,
+                 "in_channels": 64, "out_channels": 16, "axes_dims_rope": [4, 6, 6]},
+        generation={"gen_image_height": 64, "gen_image_width": 64}, seed=1,
+    )
+    config = json.loads((checkpoint / "vae" / "config.json").read_text())
+    state = load_file(str(checkpoint / "vae" / "diffusion_pytorch_model.safetensors"))
+    comfy_vae.parent.mkdir(parents=True)
+    save_file({comfy_vae_key(k, config["num_res_blocks"]): v.to(torch.float32) for k, v in state.items()},
+              str(comfy_vae))
+
+
+_RESNET = {"norm1.gamma": "residual.0.gamma", "conv1.": "residual.2.", "norm2.gamma": "residual.3.gamma",
+           "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
+
+
+def comfy_vae_key(key: str, num_res_blocks: int) -> str:
+    """A diffusers ``AutoencoderKLQwenImage`` key in the original Wan 2.1 layout ComfyUI loads."""
+    def resnet(prefix: str, rest: str) -> str:
+        for old, new in _RESNET.items():
+            if rest.startswith(old):
+                return prefix + new + rest[len(old):]
+        return prefix + rest  # resample / time_conv keep their names
+
+    top = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
+    for old, new in top.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    part, rest = key.split(".", 1)
+    rest = rest.replace("conv_in.", "conv1.").replace("conv_out.", "head.2.").replace("norm_out.gamma", "head.0.gamma")
+    if match := re.match(r"mid_block\.(resnets|attentions)\.(\d)\.(.*)", rest):
+        kind, index, tail = match.groups()
+        if kind == "attentions":
+            return f"{part}.middle.1.{tail}"
+        return resnet(f"{part}.middle.{2 * int(index)}.", tail)
+    if match := re.match(r"down_blocks\.(\d+)\.(.*)", rest):
+        return resnet(f"{part}.downsamples.{match.group(1)}.", match.group(2))
+    if match := re.match(r"up_blocks\.(\d+)\.(resnets|upsamplers)\.(\d+)\.(.*)", rest):
+        block, kind, index, tail = match.groups()
+        flat = int(block) * (num_res_blocks + 2) + (int(index) if kind == "resnets" else num_res_blocks + 1)
+        return resnet(f"{part}.upsamples.{flat}.", tail)
+    return f"{part}.{rest}"
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -199,6 +277,7 @@ def test_object_info_lists_every_node(server: Server) -> None:
         assert node["output"] == [o.type for o in spec.outputs]
         assert node["output_name"] == [o.name for o in spec.outputs]
         assert node["output_tooltips"] == [o.tooltip for o in spec.outputs]
+        assert node["output_is_list"] == [o.is_list for o in spec.outputs]
         served = {**node["input"]["required"], **node["input"].get("optional", {})}
         for inp in spec.inputs:
             kind, options = served[inp.name][0], served[inp.name][1]
@@ -215,7 +294,7 @@ def test_object_info_lists_every_node(server: Server) -> None:
         node = info[name]
         order = node["input_order"]["required"] + node["input_order"].get("optional", [])
         assert order == [n for n, _ in core["inputs"]]
-        assert node["output"] == [t for _, t in core["outputs"]]
+        assert node["output"][: len(core["outputs"])] == [t for _, t in core["outputs"]]
 
 
 def test_frontend_assets_and_templates_are_served(server: Server) -> None:
@@ -235,9 +314,18 @@ def test_seed_widgets_keep_their_control_mode(server: Server) -> None:
     assert info["InternVLU_Understand"]["input"]["required"]["seed"][1]["control_after_generate"] == "fixed"
 
 
+#: Per-workflow changes for the test: the latent hand-off runs on the 16-channel checkpoint.
+CHANGES = {
+    "internvlu_latent_vae_decode": {
+        "InternVLU_Loader": {"checkpoint": WAN_CHECKPOINT},
+        "InternVLU_Generate": {"width": 64, "height": 48},
+    },
+}
+
+
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_api_workflow_completes(server: Server, name: str) -> None:
-    prompt = fast_prompt(name)
+    prompt = fast_prompt(name, **CHANGES.get(name, {}))
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     outputs = entry["outputs"]
@@ -251,6 +339,44 @@ def test_api_workflow_completes(server: Server, name: str) -> None:
             assert images and all(i["type"] == "output" for i in images)
             for image in images:
                 assert (server.output / image["subfolder"] / image["filename"]).is_file()
+
+
+def _saved(server: Server, entry: dict[str, Any], node_id: str) -> list[np.ndarray]:
+    return [
+        np.asarray(Image.open(server.output / i["subfolder"] / i["filename"]).convert("RGB"), dtype=np.int16)
+        for i in entry["outputs"][node_id]["images"]
+    ]
+
+
+def test_generate_latent_decoded_by_comfyui_vae_decode_matches_our_image(server: Server) -> None:
+    """Generate's LATENT through ComfyUI's own VAELoader + VAE Decode (qwen_image_vae.safetensors in
+    ComfyUI's key layout) gives Generate's own image within 2 levels."""
+    prompt = fast_prompt("internvlu_latent_vae_decode", **CHANGES["internvlu_latent_vae_decode"])
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    saves = {n["inputs"]["images"][0]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    decode = next(i for i, n in prompt.items() if n["class_type"] == "VAEDecode")
+    generate = next(i for i, n in prompt.items() if n["class_type"] == "InternVLU_Generate")
+    (ours,), (comfy,) = _saved(server, entry, saves[generate]), _saved(server, entry, saves[decode])
+    assert ours.shape == comfy.shape == (48, 64, 3)
+    assert ours.std() > 5  # a real picture, not a saturated or flat one
+    assert np.abs(ours - comfy).max() <= 2
+
+
+def test_caption_workflow_writes_one_txt_per_image(server: Server) -> None:
+    prompt = fast_prompt("internvlu_caption_folder")
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    folder = server.output / "captions"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{name}{suffix}" for name in CAPTION_NAMES for suffix in (".png", ".txt")
+    )
+    understand = next(i for i, n in prompt.items() if n["class_type"] == "InternVLU_Understand")
+    (shown,) = entry["outputs"][understand]["text"]  # every answer, in image order
+    captions = [(folder / f"{name}.txt").read_text(encoding="utf-8").strip() for name in CAPTION_NAMES]
+    position = 0
+    for caption in captions:
+        position = shown.index(caption, position) + len(caption)
 
 
 def test_interrupt_stops_a_running_generation(server: Server) -> None:
