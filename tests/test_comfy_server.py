@@ -423,3 +423,57 @@ def test_free_memory_drops_the_model_and_the_next_run_reloads(server: Server) ->
     entry = server.wait(server.queue(fast_prompt("internvlu_edit", InternVLU_Edit={"seed": 99})))
     assert entry["status"]["status_str"] == "success"
     assert server.log().count("InternVL-U: loading") == loads + 1  # read from disk again
+
+
+# Runs inside ComfyUI's Python with ComfyUI importable (no server): the pack's ModelPatcher and
+# interrupt path against that version's model_management.
+PATCHER_PROBE = """
+import importlib.util, json, sys
+comfy_path, root, tiny = sys.argv[1:4]
+sys.path.insert(0, comfy_path)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+import comfy.model_management as mm
+import comfy.model_patcher as mp
+spec = importlib.util.spec_from_file_location("internvlu_pack", root + "/__init__.py", submodule_search_locations=[root])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["internvlu_pack"] = pack
+spec.loader.exec_module(pack)
+from internvlu_pack.nodes import all_specs
+from internvlu_pack.nodes.model_handle import LoadSettings, get_model
+specs = {s.node_id: s for s in all_specs()}
+handle = get_model(LoadSettings(tiny, "fp32", "cpu"))
+handle.pipeline()
+patcher = handle.patcher
+report = {"patcher": type(patcher).__name__,
+          "partially_unload": patcher.partially_unload(torch.device("cpu"), 1 << 20, force_patch_weights=True),
+          "interrupt_is_exception": issubclass(mm.InterruptProcessingException, Exception)}
+if hasattr(mp, "is_model_patcher_output"):  # newer cores evict such loader outputs first under RAM pressure
+    report["evictable_like_core_loaders"] = mp.is_model_patcher_output(handle)
+run = dict(model=handle, prompt="a tree", resolution="custom (width x height)", width=32, height=32, steps=3,
+           all_cfg_scale=0.0, part_cfg_scale=0.0, seed=1, batch_size=1)
+first = specs["InternVLU_Generate"].run(**run).values[0]
+mm.interrupt_current_processing(True)
+try:
+    specs["InternVLU_Generate"].run(**run)
+    report["interrupted"] = None
+except BaseException as error:
+    report["interrupted"] = type(error).__name__
+report["same_after_interrupt"] = bool(torch.equal(specs["InternVLU_Generate"].run(**run).values[0], first))
+print(json.dumps(report))
+"""
+
+
+def test_model_patcher_and_interrupt_match_this_comfyui() -> None:
+    done = subprocess.run(
+        [COMFYUI_PYTHON, "-c", PATCHER_PROBE, COMFYUI_PATH, str(ROOT), str(TINY / "checkpoint")],
+        capture_output=True, text=True, timeout=300, cwd=COMFYUI_PATH,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["patcher"] == "InternVLUModelPatcher"
+    assert report["partially_unload"] == 0  # all-or-nothing: ComfyUI then unloads it whole
+    assert report["interrupted"] == "InterruptProcessingException"  # not swallowed, whatever its base class
+    assert report["same_after_interrupt"]
+    assert report.get("evictable_like_core_loaders", True)
