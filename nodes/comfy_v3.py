@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy_api.v0_0_2 import ComfyExtension, io, ui
+try:
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui
+except ImportError:  # a core without the pinned version module: the same names from latest
+    from comfy_api.latest import ComfyExtension, io, ui
 
 from . import all_specs
 from .comfy_runtime import register_model_folder
