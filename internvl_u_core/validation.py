@@ -40,6 +40,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 GENERATION_MODES = ("text", "image", "text_image")
+MAX_SEED = 2**64 - 1  # seeds are any unsigned 64-bit integer
 
 
 def device(value) -> torch.device:
@@ -275,7 +276,7 @@ def image_size(height, width, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int
 
 
 def optional_seed(value) -> int | None:
-    return None if value is None else integer(value, "seed", 0, 2**64 - 1)
+    return None if value is None else integer(value, "seed", 0, MAX_SEED)
 
 
 def seed_generator(seed) -> torch.Generator | None:
