@@ -702,7 +702,7 @@ class InternVLUPipeline:
         trace.decoder_context(hidden, text_mask, image_mask, computed if groups == 3 else computed + computed[draws:])
         references = [cond.references[r] for r in order]
         has_refs = any(r is not None for r in references)
-        channels = decoder.config.latent_channels
+        channels = decoder.decoder.latent_channels
         context = decoder.decoder.prepare_context(
             encoder_hidden_states=hidden,
             encoder_attention_mask=text_mask,
@@ -723,7 +723,7 @@ class InternVLUPipeline:
         trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
-        timestep_scale = decoder.config.timestep_scale
+        timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * groups).to(dtype)
@@ -805,16 +805,16 @@ def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The Qwen-Image VAE, built on the meta device and loaded like the other components."""
     from diffusers import AutoencoderKLQwenImage
 
-    from .loading import safetensors_files
-
-    safetensors_files(folder)  # refuses pickle-only folders with a clear message
+    config = read_json(folder / "config.json")
     try:
-        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
-    return vae.to(device).eval()
+        vae = _build_on_meta(lambda: AutoencoderKLQwenImage.from_config(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
+    load_weights_into(vae, folder, dtype=dtype, device=device)
+    return vae.eval()
 
 
 def load_scheduler(folder: Path):
