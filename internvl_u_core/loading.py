@@ -185,19 +185,18 @@ def load_weights_into(
     dtype: torch.dtype,
     device: torch.device,
     optional: Iterable[str] = (),
-    keep_float32: Callable[[str], bool] | None = None,
 ) -> None:
-    """Stream every tensor of ``folder`` into ``module`` (built on the meta device).
+    """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
-    Missing or unexpected names and shape mismatches are errors that name the parameters, so a
+    Tensors whose dtype is already ``dtype`` are the memory-mapped file itself (no copy, pages are
+    read on first use); others are converted in one pass. Missing or unexpected names and shape
+    mismatches are errors that name the parameters, raised before anything is assigned, so a
     checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     files = safetensors_files(folder)
     expected = dict(module.named_parameters())
     expected.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
-    seen: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for file, name, tensor in iter_safetensors(files):
         target = expected.get(name)
@@ -209,12 +208,8 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
-        if tensor.is_floating_point():
-            wanted = torch.float32 if keep_float32 and keep_float32(name) else dtype
-            tensor = tensor.to(wanted)
-        set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
-        seen.add(name)
-    missing = set(expected) - seen - set(optional)
+        state[name] = _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device)
+    missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
         parts = []
         if missing:
@@ -224,3 +219,14 @@ def load_weights_into(
         raise ModelLoadError(
             f"weights in {folder} do not match its config.json ({'; '.join(parts)})"
         )
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _placed(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A mapped file tensor as the module will hold it: itself when nothing changes, else one copy.
+
+    On an accelerator the file's bytes are moved first and converted there, where it is cheap.
+    """
+    if device.type == "cpu":
+        return tensor.to(dtype)
+    return tensor.to(device).to(dtype)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import validation as check
 from .conditioning import conditioning_spans, reassemble_with_reasoning
-from .errors import InvalidInputError, ModelLoadError
+from .errors import GenerationCancelled, InvalidInputError, ModelLoadError
 from .limits import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_GUIDANCE,
@@ -326,6 +326,61 @@ class InternVLUPipeline:
         )
         return self._decode(ids)[0]
 
+    def understand_each(
+        self,
+        images,
+        question: str,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        token_callback: TokenCallback | None = None,
+        image_callback: Callable[[int, int], bool | None] | None = None,
+    ) -> list[str]:
+        """One answer per image, each the one ``understand(image, question)`` gives for that image alone.
+
+        Greedy and beam search run images of equal size together, ``batch_size`` at a time (their
+        prompts have equal length, so no row is padded). With ``do_sample`` each image runs alone
+        with ``seed``, as the one-image call does. ``image_callback(done, total)`` follows each
+        batch; returning ``False`` stops the run with ``GenerationCancelled``.
+        """
+        question = check.text(question, "question", self.limits)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidInputError("images: at least one image is needed")
+        pictures = [check.load_image(item, f"images[{i}]", self.limits) for i, item in enumerate(items)]
+        batch_size = check.integer(batch_size, "batch_size", 1, self.limits.max_images_per_prompt)
+        kwargs = check.text_kwargs(
+            dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                 temperature=temperature, top_p=top_p, num_beams=num_beams),
+            default_max_new_tokens=None, limits=self.limits,
+        )
+        seed = check.optional_seed(seed)
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, picture in enumerate(pictures):
+            by_size.setdefault(picture.size, []).append(index)
+        width = 1 if kwargs.get("do_sample") else batch_size
+        batches = [group[i : i + width] for group in by_size.values() for i in range(0, len(group), width)]
+        answers: list[str] = [""] * len(pictures)
+        done = 0
+        with self._lock:
+            for batch in batches:
+                ids = self._generate_text([question] * len(batch), [[pictures[i]] for i in batch], "text",
+                                          system_prompt, kwargs, seed, token_callback)
+                for index, answer in zip(batch, self._decode(ids)):
+                    answers[index] = answer
+                done += len(batch)
+                if image_callback is not None and image_callback(done, len(pictures)) is False:
+                    raise GenerationCancelled(f"understand_each was stopped by image_callback after {done} images")
+        return answers
+
     def reason(
         self,
         prompt: str,
@@ -418,9 +473,32 @@ class InternVLUPipeline:
         )
         return self._draw(instruction, pictures, request)
 
-    def decode_latents_preview(self, latents: torch.Tensor) -> Image.Image:
-        """A cheap RGB preview of the current latents (no VAE pass)."""
-        return latents_preview(latents)
+    def decode_latents_preview(
+        self, latents: torch.Tensor, rgb_factors: torch.Tensor | None = None, rgb_bias: torch.Tensor | None = None
+    ) -> Image.Image:
+        """A cheap RGB preview of the current latents (no VAE pass); see ``sampling.latents_preview``."""
+        return latents_preview(latents, rgb_factors, rgb_bias)
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Images from normalised latents ``[N, C, H/8, W/8]``, decoded as ``generate``/``edit`` decode theirs."""
+        self._require_generation()
+        latents = check.latents(latents, self.codec.mean.shape[1])
+        with self._lock:
+            self._activate(self.vae)
+            return [picture for sample in latents.split(1) for picture in pixels_to_pil(self.codec.decode(sample))]
+
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's normalised latents in the VAE's own latent space (``z·std + mean``, float32).
+
+        That space is what other tools hold, e.g. ComfyUI's LATENT for the Qwen-Image VAE.
+        """
+        self._require_generation()
+        return self.codec.denormalize(check.latents(latents, self.codec.mean.shape[1]))
+
+    def from_vae_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_vae_latents`: VAE-space latents → the pipeline's normalised latents."""
+        self._require_generation()
+        return self.codec.normalize(check.latents(vae_latents, self.codec.mean.shape[1]))
 
     # ------------------------------------------------------------------------------------------
     # Internals
@@ -625,7 +703,7 @@ class InternVLUPipeline:
         trace.decoder_context(hidden, text_mask, image_mask, computed if groups == 3 else computed + computed[draws:])
         references = [cond.references[r] for r in order]
         has_refs = any(r is not None for r in references)
-        channels = decoder.config.latent_channels
+        channels = decoder.decoder.latent_channels
         context = decoder.decoder.prepare_context(
             encoder_hidden_states=hidden,
             encoder_attention_mask=text_mask,
@@ -646,7 +724,7 @@ class InternVLUPipeline:
         trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
-        timestep_scale = decoder.config.timestep_scale
+        timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * groups).to(dtype)
@@ -728,16 +806,16 @@ def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The Qwen-Image VAE, built on the meta device and loaded like the other components."""
     from diffusers import AutoencoderKLQwenImage
 
-    from .loading import safetensors_files
-
-    safetensors_files(folder)  # refuses pickle-only folders with a clear message
+    config = read_json(folder / "config.json")
     try:
-        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
-    return vae.to(device).eval()
+        vae = _build_on_meta(lambda: AutoencoderKLQwenImage.from_config(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
+    load_weights_into(vae, folder, dtype=dtype, device=device)
+    return vae.eval()
 
 
 def load_scheduler(folder: Path):

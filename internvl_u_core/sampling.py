@@ -161,22 +161,28 @@ class LatentCodec:
     def device(self) -> torch.device:
         return next(self.frames.vae.parameters()).device
 
+    def normalize(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        """VAE-space latents → the normalised latents the transformer works on (in their dtype)."""
+        dtype = vae_latents.dtype
+        return (vae_latents - self.mean.to(vae_latents.device, dtype)) / self.std.to(vae_latents.device, dtype)
+
+    def denormalize(self, latents: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Normalised latents → the VAE's latent space (``z·std + mean``, computed as the reference does)."""
+        z = latents.to(dtype)
+        reciprocal = 1.0 / self.std.to(z.device, dtype)
+        return z / reciprocal + self.mean.to(z.device, dtype)
+
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] in [-1, 1] → normalised latent means [N, C, H/8, W/8] (VAE dtype)."""
         dtype = self.dtype
         moments = self.frames.encode_mode(pixels.to(self.device, dtype).unsqueeze(2))
-        mean = self.mean.to(moments.device, dtype)
-        std = self.std.to(moments.device, dtype)
-        return (moments - mean) / std
+        return self.normalize(moments)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised float32 latents → pixels in [-1, 1] (VAE dtype)."""
-        dtype = self.dtype
-        z = latents.to(self.device, dtype)
-        reciprocal = 1.0 / self.std.to(z.device, dtype)
-        z = z / reciprocal + self.mean.to(z.device, dtype)
+        z = self.denormalize(latents.to(self.device), self.dtype)
         return self.frames.decode(z.unsqueeze(2))
 
 
@@ -187,13 +193,43 @@ def pixels_to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a), mode="RGB") for a in array]
 
 
-def latents_preview(latents: torch.Tensor) -> Image.Image:
-    """A rough RGB look at the first sample's latents (first three channels, min-max scaled), for progress UIs."""
-    x = latents[0, :3].detach().to(torch.float32).cpu()
-    if x.shape[0] < 3:
-        x = x.repeat(3, 1, 1)[:3]
-    lo = x.amin(dim=(1, 2), keepdim=True)
-    hi = x.amax(dim=(1, 2), keepdim=True)
-    x = (x - lo) / (hi - lo).clamp_min(1e-6)
+# Latent → RGB factors of the Wan 2.1 latent space, which the Qwen-Image VAE shares: one row per
+# latent channel (normalised latents), columns R, G, B, plus a bias; the output is in [-1, 1]. These
+# numbers are data published with ComfyUI (comfy/latent_formats.py, class Wan21), which uses them for
+# its own latent previews of Wan 2.1 and Qwen-Image.
+WAN21_RGB_FACTORS = (
+    (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747), (0.0372, 0.2344, 0.1420),
+    (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665), (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975),
+    (-0.0412, 0.0267, -0.1364), (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950), (0.1984, 0.0913, 0.1861),
+)
+WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
+
+
+def latents_preview(
+    latents: torch.Tensor, rgb_factors: torch.Tensor | None = None, rgb_bias: torch.Tensor | None = None
+) -> Image.Image:
+    """An RGB look at the first sample's normalised latents ``[N, C, h, w]`` for progress UIs (no VAE pass).
+
+    16-channel latents (the released Qwen-Image VAE) map through a linear ``C → RGB`` fit of the
+    latent space, ``rgb_factors`` ``[C, 3]`` and ``rgb_bias`` ``[3]`` (default: the Wan 2.1 table
+    above). Other channel counts (tiny test checkpoints) show their first three channels, min-max
+    scaled.
+    """
+    x = latents[0].detach().to(torch.float32).cpu()
+    if rgb_factors is None and x.shape[0] == len(WAN21_RGB_FACTORS):
+        rgb_factors, rgb_bias = torch.tensor(WAN21_RGB_FACTORS), torch.tensor(WAN21_RGB_BIAS)
+    if rgb_factors is not None:
+        factors = torch.as_tensor(rgb_factors, dtype=torch.float32)
+        if factors.shape != (x.shape[0], 3):
+            raise ValueError(f"rgb_factors must be [{x.shape[0]}, 3] for these latents, got {tuple(factors.shape)}")
+        bias = torch.zeros(3) if rgb_bias is None else torch.as_tensor(rgb_bias, dtype=torch.float32)
+        rgb = torch.einsum("chw,ck->khw", x, factors) + bias.view(3, 1, 1)
+        x = ((rgb + 1) / 2).clamp(0, 1)
+    else:
+        x = x[:3] if x.shape[0] >= 3 else x.repeat(3, 1, 1)[:3]
+        lo = x.amin(dim=(1, 2), keepdim=True)
+        hi = x.amax(dim=(1, 2), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6)
     array = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")

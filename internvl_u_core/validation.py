@@ -403,6 +403,22 @@ def prompt_length(tokens: int, new_tokens: int, limit: int, name: str) -> None:
         )
 
 
+def latents(value, channels: int) -> torch.Tensor:
+    """Latents ``[N, C, h, w]`` (a single-frame ``[N, C, 1, h, w]`` video latent is accepted), float32."""
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputTypeError(f"latents must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim == 5 and value.shape[2] == 1:
+        value = value[:, :, 0]
+    if value.ndim != 4 or value.shape[1] != channels or value.shape[0] == 0:
+        raise InvalidInputError(
+            f"latents of shape {tuple(value.shape)} do not fit this model; expected [N, {channels}, H/8, W/8] "
+            f"(or [N, {channels}, 1, H/8, W/8])"
+        )
+    if not torch.isfinite(value).all():
+        raise InvalidInputError("latents contain NaN or infinite values")
+    return value.to(torch.float32)
+
+
 def run_callback(callback: Callable | None, step: int, total: int, latents: torch.Tensor) -> None:
     if callback is not None and callback(step, total, latents) is False:
         raise GenerationCancelled(f"generation was stopped by the callback at step {step} of {total}")

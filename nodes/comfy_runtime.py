@@ -16,6 +16,8 @@ from typing import Any
 
 MODEL_FOLDER_KEY = "internvl_u"
 MODELS_DIR_ENV = "INTERNVLU_MODELS_DIR"
+INPUT_DIR_ENV = "INTERNVLU_INPUT_DIR"
+OUTPUT_DIR_ENV = "INTERNVLU_OUTPUT_DIR"
 
 
 class ProcessingInterrupted(Exception):
@@ -103,6 +105,22 @@ def model_roots() -> list[Path]:
     if configured:
         return [Path(p) for p in configured.split(os.pathsep) if p]
     return [Path("models") / MODEL_FOLDER_KEY]
+
+
+def input_directory() -> Path:
+    """ComfyUI's input folder (``--input-directory``); outside ComfyUI ``INTERNVLU_INPUT_DIR`` or ./input."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_input_directory())
+    return Path(os.environ.get(INPUT_DIR_ENV, "input"))
+
+
+def output_directory() -> Path:
+    """ComfyUI's output folder (``--output-directory``); outside ComfyUI ``INTERNVLU_OUTPUT_DIR`` or ./output."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output"))
 
 
 # --- devices --------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def _patcher_class() -> type:
     base = comfy_module("comfy.model_patcher").ModelPatcher
 
     class InternVLUModelPatcher(base):  # type: ignore[misc, valid-type]
-        def partially_unload(self, device_to: Any, memory_to_free: int = 0) -> int:
+        # ComfyUI >= 0.3.6x passes force_patch_weights (e.g. from partially_load); accept every form.
+        def partially_unload(self, device_to: Any, memory_to_free: int = 0, force_patch_weights: bool = False) -> int:
             return 0
 
     return InternVLUModelPatcher
