@@ -264,7 +264,7 @@ class InternVLUPipeline:
     ) -> InternVLUPipelineOutput:
         """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
         mode = check.generation_mode(generation_mode)
-        prompts, images = check.prompts_and_images(prompt, image, mode, self.limits)
+        prompts, images = check.prompts_and_images(prompt, image, limits=self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
         with self._lock:
@@ -273,15 +273,16 @@ class InternVLUPipeline:
                 ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
                 return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
             self._require_generation()
+            given = {key: value for key, value in diffusion_kwargs.items() if value is not None}
             settings = self._diffusion_settings(
                 mode,
-                height=diffusion_kwargs.get("height"),
-                width=diffusion_kwargs.get("width"),
-                steps=diffusion_kwargs.get("num_inference_steps", DEFAULT_STEPS),
-                images_per_prompt=diffusion_kwargs.get("num_images_per_prompt", 1),
-                all_cfg_scale=diffusion_kwargs.get("all_cfg_scale"),
-                part_cfg_scale=diffusion_kwargs.get("part_cfg_scale"),
-                generator=diffusion_kwargs.get("generator"),
+                height=given.get("height"),
+                width=given.get("width"),
+                steps=given.get("num_inference_steps", DEFAULT_STEPS),
+                images_per_prompt=given.get("num_images_per_prompt", 1),
+                all_cfg_scale=given.get("all_cfg_scale"),
+                part_cfg_scale=given.get("part_cfg_scale"),
+                generator=given.get("generator"),
                 names=check.REFERENCE_NAMES,
             )
             reasoning_ids = None
