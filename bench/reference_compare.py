@@ -233,6 +233,7 @@ def stage_check(ref: dict, fixture: Path, dtype_name: str) -> dict:
     sys.path.insert(0, str(REPO))
     from internvl_u_core.loading import component_folder
     from internvl_u_core.pipeline import load_generation_decoder, load_vae
+    from internvl_u_core.sampling import LatentCodec
 
     dtype = getattr(torch, dtype_name)
     root = fixture / "checkpoint"
@@ -259,7 +260,7 @@ def stage_check(ref: dict, fixture: Path, dtype_name: str) -> dict:
     if "decode_in" in ref:
         vae = load_vae(component_folder(root, "vae"), dtype, torch.device("cpu"))
         with torch.no_grad():  # what LatentCodec.decode does after de-normalising
-            pixels = vae.decoder(vae.post_quant_conv(ref["decode_in"].to(dtype).unsqueeze(2)))[:, :, 0].clamp(-1, 1)
+            pixels = LatentCodec(vae).frames.decode(ref["decode_in"].to(dtype).unsqueeze(2))
         row["vae_same_inputs"] = _diff(pixels.float(), ref["decoded"].float())
     return row
 

@@ -17,6 +17,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from internvl_u_core.pipeline import load_generation_decoder, load_vae
+from internvl_u_core.sampling import LatentCodec
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINT = FIXTURES / "internvlu-tiny-c" / "checkpoint"
@@ -53,8 +54,7 @@ def _error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
 def _decode(vae, record: dict) -> torch.Tensor:
     """What ``LatentCodec.decode`` does after de-normalising the latents."""
     with torch.no_grad():
-        z = record["decode_in"].unsqueeze(2)
-        return vae.decoder(vae.post_quant_conv(z))[:, :, 0].clamp(-1, 1)
+        return LatentCodec(vae).frames.decode(record["decode_in"].unsqueeze(2))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,121 @@
+"""`internvl-u mcp`: serve InternVL-U's four tools to MCP clients over stdio or streamable HTTP.
+
+Registered through the `internvl_u.commands` entry-point group; importing this module costs
+nothing (the SDK and the model are imported only when the command runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+from internvl_u_core.cli import MODEL_ENV
+
+MISSING_SDK = (
+    'internvl-u mcp: error: the MCP SDK is not installed; install the [mcp] extra: pip install -e ".[mcp]" '
+    'in your clone, or pip install "mcp>=2.0,<3"'
+)
+HOST = "127.0.0.1"  # no authentication: reachable from this machine only
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `mcp` subcommand to the `internvl-u` parser."""
+    parser = subparsers.add_parser(
+        "mcp",
+        help="serve understand/reason/generate/edit as MCP tools (stdio, or streamable HTTP with --http)",
+        description=(
+            "Run an MCP server with the tools understand_image, reason, generate_image and edit_image. "
+            "It talks over stdin/stdout (for Claude Desktop and other MCP clients) unless --http is given. "
+            "Clients may read image files only inside --allowed-dir folders and --output-dir."
+        ),
+    )
+    parser.add_argument(
+        "--model", default=os.environ.get(MODEL_ENV),
+        help=f"checkpoint folder in the released layout, or a Hugging Face hub id (default: ${MODEL_ENV})",
+    )
+    parser.add_argument(
+        "--output-dir", default="internvl-u-outputs", metavar="DIR",
+        help="folder for generated and edited images, saved as <image_id>.png (default: ./internvl-u-outputs)",
+    )
+    parser.add_argument(
+        "--allowed-dir", action="append", default=[], metavar="DIR",
+        help="a folder whose image files clients may name as inputs; repeat for several (default: none, "
+             "only images in --output-dir)",
+    )
+    parser.add_argument(
+        "--http", type=_port, default=None, metavar="PORT",
+        help=f"serve streamable HTTP at http://{HOST}:PORT/mcp instead of stdio",
+    )
+    group = parser.add_argument_group("model")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weight precision; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
+    group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
+    group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
+    group.add_argument("--offload", action="store_true",
+                       help="keep components in CPU memory and move each to the GPU only while it runs")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, then serve until the client disconnects (stdio) or the process is stopped."""
+    if importlib.util.find_spec("mcp") is None:
+        print(MISSING_SDK, file=sys.stderr)
+        return 1
+    problem = _check_folders(args)
+    if problem:
+        print(f"internvl-u mcp: error: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+    from internvl_u_serve.mcp.server import build_server
+
+    server = build_server(_load(args), args.output_dir, args.allowed_dir)
+    if args.http is None:
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=HOST, port=args.http)
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """Load the pipeline before serving, so the first tool call does not wait for it."""
+    from internvl_u_core import InternVLUPipeline
+
+    def progress(message: str) -> None:
+        print(f"internvl-u mcp: {message}", file=sys.stderr, flush=True)
+
+    # In stdio mode stdout is the protocol channel: nothing printed while loading may reach it.
+    with contextlib.redirect_stdout(sys.stderr):
+        pipe = InternVLUPipeline.from_pretrained(
+            args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
+            local_files_only=args.offline, revision=args.revision, progress=progress,
+        )
+        if args.offload:
+            pipe.enable_model_cpu_offload(args.device or "cuda")
+    return pipe
+
+
+def _check_folders(args: argparse.Namespace) -> str | None:
+    """Refuse a missing model or folder before spending time on loading the model."""
+    if not args.model:
+        return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
+    for folder in args.allowed_dir:
+        if not Path(folder).is_dir():
+            return f"--allowed-dir {folder!r} is not a folder"
+    output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        return f"--output-dir {args.output_dir!r} exists and is not a folder"
+    return None
+
+
+def _port(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
