@@ -147,7 +147,7 @@ def use_reference_norms(vae) -> None:
     """Compute the VAE's RMS norms in the input dtype, as the reference's diffusers (0.35) does.
 
     diffusers 0.38 and later normalise bfloat16/float16 inputs in float32 and cast back; in
-    bfloat16 that moves decoded pixels by up to about four grey levels against the reference.
+    bfloat16 that moves decoded pixels by up to about seven grey levels against the reference.
     In float32 both are the same computation.
     """
     import torch.nn.functional as F
