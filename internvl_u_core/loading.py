@@ -185,24 +185,20 @@ def load_weights_into(
     dtype: torch.dtype,
     device: torch.device,
     optional: Iterable[str] = (),
-    prefetch: WeightPrefetch | None = None,
 ) -> None:
     """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
     Tensors whose dtype is already ``dtype`` are the memory-mapped file itself (no copy, pages are
-    read on first use); others are converted in one pass (read ahead on a background thread when
-    ``prefetch`` holds the folder). Missing or unexpected names and shape mismatches are errors
-    that name the parameters, raised before anything is assigned, so a checkpoint of another model
-    is never half-loaded. ``optional`` names may be absent (tied heads).
+    read on first use); others are converted in one pass. Missing or unexpected names and shape
+    mismatches are errors that name the parameters, raised before anything is assigned, so a
+    checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
     """
-    tensors = prefetch.take(folder) if prefetch is not None else None
-    if tensors is None:
-        tensors = _read_placed(folder, dtype, device)
+    files = safetensors_files(folder)
     expected = dict(module.named_parameters())
     expected.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
-    for file, name, tensor in tensors:
+    for file, name, tensor in iter_safetensors(files):
         target = expected.get(name)
         if target is None:
             unexpected.append(name)
@@ -212,7 +208,7 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
-        state[name] = tensor
+        state[name] = _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device)
     missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
         parts = []
@@ -234,43 +230,3 @@ def _placed(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> t
     if device.type == "cpu":
         return tensor.to(dtype)
     return tensor.to(device).to(dtype)
-
-
-def _read_placed(folder: Path, dtype: torch.dtype, device: torch.device) -> list[tuple[Path, str, torch.Tensor]]:
-    """Every tensor of a component folder as the module will hold it (floating ones in ``dtype``)."""
-    return [
-        (file, name, _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device))
-        for file, name, tensor in iter_safetensors(safetensors_files(folder))
-    ]
-
-
-class WeightPrefetch:
-    """Reads and converts the weights of component folders on one background thread.
-
-    Loading a fresh process is mostly importing libraries (Python, one core); converting weights
-    to another dtype or copying them to an accelerator is tensor work that releases the GIL. So the
-    pipeline starts this before it imports and builds the models, and ``load_weights_into`` takes
-    each folder's tensors when its module is ready. Errors (a corrupt file, pickle weights) are
-    raised by ``take``, where loading that folder would have raised them. Folders that are missing
-    are skipped here and reported by the caller as before.
-    """
-
-    def __init__(self, folders: Iterable[Path], dtype: torch.dtype, device: torch.device):
-        from concurrent.futures import ThreadPoolExecutor
-
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="internvlu-weights")
-        self._futures = {
-            folder: executor.submit(_read_placed, folder, dtype, device) for folder in folders if folder.is_dir()
-        }
-        executor.shutdown(wait=False)  # no more work; the submitted reads go on
-
-    def take(self, folder: Path) -> list[tuple[Path, str, torch.Tensor]] | None:
-        """The folder's tensors (waiting for them), or None when it was not prefetched."""
-        future = self._futures.pop(folder, None)
-        return future.result() if future is not None else None
-
-    def cancel(self) -> None:
-        """Drop the reads that have not started (loading stopped early)."""
-        for future in self._futures.values():
-            future.cancel()
-        self._futures.clear()

@@ -25,7 +25,7 @@ from .limits import (
     DEFAULT_REASONING_TOKENS,
     DEFAULT_STEPS,
 )
-from .loading import WeightPrefetch, component_folder, load_weights_into, read_json, resolve_checkpoint
+from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
     LatentCodec,
@@ -163,34 +163,28 @@ class InternVLUPipeline:
         root = resolve_checkpoint(path_or_id, local_files_only=local_files_only, revision=revision, progress=say)
         if not (root / "model_index.json").is_file():
             raise ModelLoadError(f"{root} has no model_index.json; is it an InternVL-U checkpoint folder?")
-        names = ("vlm", "generation_decoder", "vae") if "generation_decoder" in components else ("vlm",)
-        prefetch = WeightPrefetch([root / name for name in names], dtype, device)
-        try:
-            say("Loading processor")
-            vlm_folder = component_folder(root, "vlm")
-            vlm_config = VLMConfig.from_dict(read_json(vlm_folder / "config.json"), str(vlm_folder / "config.json"))
-            processor = InternVLUProcessor.from_folder(component_folder(root, "processor"), template=vlm_config.template)
-            if processor.image_seq_length != vlm_config.num_image_token:
-                raise ModelLoadError(
-                    f"processor image_seq_length {processor.image_seq_length} does not match the VLM's "
-                    f"{vlm_config.num_image_token} tokens per image"
-                )
-            say("Loading VLM")
-            vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
-            load_weights_into(vlm, vlm_folder, dtype=dtype, device=device, optional=vlm.tied_weight_names,
-                              prefetch=prefetch)
-            if vlm.config.tie_word_embeddings:
-                vlm.language_model.tie_weights()
-            vlm.eval()
-            decoder = vae = scheduler = None
-            if "generation_decoder" in components:
-                say("Loading generation decoder")
-                decoder = load_generation_decoder(component_folder(root, "generation_decoder"), dtype, device, prefetch)
-                say("Loading VAE")
-                vae = load_vae(component_folder(root, "vae"), dtype, device, prefetch)
-                scheduler = load_scheduler(component_folder(root, "scheduler"))
-        finally:
-            prefetch.cancel()
+        say("Loading processor")
+        vlm_folder = component_folder(root, "vlm")
+        vlm_config = VLMConfig.from_dict(read_json(vlm_folder / "config.json"), str(vlm_folder / "config.json"))
+        processor = InternVLUProcessor.from_folder(component_folder(root, "processor"), template=vlm_config.template)
+        if processor.image_seq_length != vlm_config.num_image_token:
+            raise ModelLoadError(
+                f"processor image_seq_length {processor.image_seq_length} does not match the VLM's "
+                f"{vlm_config.num_image_token} tokens per image"
+            )
+        say("Loading VLM")
+        vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
+        load_weights_into(vlm, vlm_folder, dtype=dtype, device=device, optional=vlm.tied_weight_names)
+        if vlm.config.tie_word_embeddings:
+            vlm.language_model.tie_weights()
+        vlm.eval()
+        decoder = vae = scheduler = None
+        if "generation_decoder" in components:
+            say("Loading generation decoder")
+            decoder = load_generation_decoder(component_folder(root, "generation_decoder"), dtype, device)
+            say("Loading VAE")
+            vae = load_vae(component_folder(root, "vae"), dtype, device)
+            scheduler = load_scheduler(component_folder(root, "scheduler"))
         say("Model ready")
         return cls(vlm, decoder, vae, scheduler, processor, root)
 
@@ -800,9 +794,7 @@ def _split_kwargs(kwargs: dict, mode: str) -> tuple[dict, dict]:
     return text, diffusion
 
 
-def load_generation_decoder(
-    folder: Path, dtype: torch.dtype, device: torch.device, prefetch: WeightPrefetch | None = None
-):
+def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.device):
     from .transformer import InternVLUGenerationDecoder
 
     config = read_json(folder / "config.json")
@@ -810,11 +802,11 @@ def load_generation_decoder(
         decoder = _build_on_meta(lambda: InternVLUGenerationDecoder.from_config_dict(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid generation-decoder config: {exc}") from exc
-    load_weights_into(decoder, folder, dtype=dtype, device=device, prefetch=prefetch)
+    load_weights_into(decoder, folder, dtype=dtype, device=device)
     return decoder.eval()
 
 
-def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, prefetch: WeightPrefetch | None = None):
+def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     """The Qwen-Image VAE, built on the meta device and loaded like the other components."""
     from diffusers import AutoencoderKLQwenImage
 
@@ -823,7 +815,7 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, prefetch: W
         vae = _build_on_meta(lambda: AutoencoderKLQwenImage.from_config(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
-    load_weights_into(vae, folder, dtype=dtype, device=device, prefetch=prefetch)
+    load_weights_into(vae, folder, dtype=dtype, device=device)
     use_reference_norms(vae)
     return vae.eval()
 
