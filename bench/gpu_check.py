@@ -152,7 +152,7 @@ def child_ours(args) -> dict:
     dit.enable_cache(FirstBlockCacheConfig(threshold=FBCACHE_THRESHOLD))  # the opt-in, lossy speed-up
     measure(f"native-fbcache-{FBCACHE_THRESHOLD}")
     dit.disable_cache()
-    dit.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
+    pipe.compile_transformer(backend=args.compile_backend)
     measure(f"native-compiled-{args.compile_backend}")
     result["rows_tokens"] = rows[-1] if rows else None
     return result

@@ -76,8 +76,8 @@ def _fbcache(pipe, device):
 
 
 def _compile(pipe, device):
-    _require_attr(pipe.generation_decoder.decoder, "compile_repeated_blocks", "compile")
-    pipe.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True)
+    _require_attr(pipe, "compile_transformer", "compile")
+    pipe.compile_transformer()
 
 
 def _require_attr(obj, name, setting):
@@ -96,7 +96,8 @@ SETTINGS = {
     "vae_tiling": ("pipe.enable_vae_tiling(): VAE encode/decode in overlapping tiles", False, (_vae_tiling,)),
     "fbcache": ("DiT first-block cache, threshold 0.05 (lossy: bench/cache_drift.py measures the drift)", False,
                 (_fbcache,)),
-    "compile": ("regional torch.compile of the DiT blocks (the warm-up run compiles)", False, (_compile,)),
+    "compile": ("pipe.compile_transformer(): regional torch.compile of the DiT blocks (the warm-up run compiles)",
+                False, (_compile,)),
 }
 
 

@@ -229,6 +229,15 @@ class InternVLUPipeline:
         else:
             self.vae.disable_tiling()
 
+    def compile_transformer(self, **compile_kwargs) -> None:
+        """Opt-in regional ``torch.compile`` of the DiT's repeated blocks (same numbers; pays off on CUDA).
+
+        The first image compiles (tens of seconds); a new size or batch layout compiles again.
+        ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        """
+        self._require_generation()
+        self.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+
     def model_size_bytes(self) -> int:
         return sum(
             t.numel() * t.element_size()

@@ -217,3 +217,23 @@ def test_compile_repeated_blocks_traces_each_block_whole(case, reference_steps):
     for a, b in zip(_steps(model, _inputs(*CASES[case])), reference_steps[case]):
         assert torch.equal(a, b)
     torch._dynamo.reset()
+
+
+def test_pipeline_compile_switch_keeps_the_images():
+    """``pipe.compile_transformer`` is the user-facing switch; with it the images are the same."""
+    import numpy as np
+    from conftest import TINY_CHECKPOINT
+
+    from internvl_u_core import InternVLUPipeline
+
+    torch._dynamo.reset()
+    pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu")
+    before = pipe.generate("a fox", width=32, height=32, steps=2, seed=3)[0]
+    pipe.compile_transformer(backend="eager")
+    after = pipe.generate("a fox", width=32, height=32, steps=2, seed=3)[0]
+    assert np.array_equal(np.asarray(before), np.asarray(after))
+    torch._dynamo.reset()
+    text_only = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu",
+                                                  components=("vlm",))
+    with pytest.raises(InvalidInputError, match="image components"):
+        text_only.compile_transformer()
