@@ -34,6 +34,7 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
+    use_reference_norms,
 )
 from .textgen import TokenCallback, generate_tokens
 from .tracing import RunTrace, TraceSink
@@ -227,6 +228,15 @@ class InternVLUPipeline:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
+
+    def compile_transformer(self, **compile_kwargs) -> None:
+        """Opt-in regional ``torch.compile`` of the DiT's repeated blocks (same numbers; pays off on CUDA).
+
+        The first image compiles (tens of seconds); a new size or batch layout compiles again.
+        ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        """
+        self._require_generation()
+        self.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
 
     def model_size_bytes(self) -> int:
         return sum(
@@ -815,6 +825,7 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
     load_weights_into(vae, folder, dtype=dtype, device=device)
+    use_reference_norms(vae)
     return vae.eval()
 
 
