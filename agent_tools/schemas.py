@@ -1,4 +1,8 @@
-"""Argument schemas the agent's model sees (pydantic v2)."""
+"""Argument schemas the agent's model sees (pydantic v2).
+
+Every bound comes from the core's ``DEFAULT_LIMITS``; the toolkit's tighter policy
+(`ToolLimits`) is checked when a call is prepared.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
-MAX_SIDE = 2048
-MAX_STEPS = 100
-MAX_SEED = 2**32 - 1
+from internvl_u_core import DEFAULT_LIMITS
+from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_GUIDANCE, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
+
+LIMITS = DEFAULT_LIMITS
+_PLAIN_GUIDANCE, _REASONED_GUIDANCE = DEFAULT_GUIDANCE["image"], DEFAULT_GUIDANCE["text_image"]
 
 ImageRef = Annotated[
     str,
@@ -37,15 +43,17 @@ class UnderstandImageInput(_AcceptsSingleImage):
 
     images: list[ImageRef] = Field(
         min_length=1,
-        max_length=8,
+        max_length=LIMITS.max_images_per_prompt,
         description="The image(s) to look at, as image_ids or file paths.",
     )
     question: str = Field(
         min_length=1,
-        max_length=4000,
+        max_length=LIMITS.max_prompt_chars,
         description="What to ask, e.g. 'Describe this picture.' or 'How many apples are there?'",
     )
-    max_new_tokens: int = Field(default=256, ge=1, le=2048, description="Longest answer, in tokens.")
+    max_new_tokens: int = Field(
+        default=DEFAULT_ANSWER_TOKENS, ge=1, le=LIMITS.max_new_tokens, description="Longest answer, in tokens."
+    )
 
 
 class ReasonInput(_AcceptsSingleImage):
@@ -53,7 +61,7 @@ class ReasonInput(_AcceptsSingleImage):
 
     prompt: str = Field(
         min_length=1,
-        max_length=4000,
+        max_length=LIMITS.max_prompt_chars,
         description=(
             "The image request to think through: a description of an image to create, "
             "or an edit instruction when `images` are given."
@@ -61,36 +69,42 @@ class ReasonInput(_AcceptsSingleImage):
     )
     images: list[ImageRef] = Field(
         default_factory=list,
-        max_length=4,
+        max_length=LIMITS.max_images_per_prompt,
         description=(
             "Leave empty to plan a new image. To plan an edit, the image(s) that "
             "edit_image will get, in the same order."
         ),
     )
-    max_new_tokens: int = Field(default=200, ge=1, le=2048, description="Longest reasoning, in tokens.")
+    max_new_tokens: int = Field(
+        default=DEFAULT_REASONING_TOKENS, ge=1, le=LIMITS.max_new_tokens, description="Longest reasoning, in tokens."
+    )
 
 
 Steps = Annotated[
     int,
-    Field(ge=1, le=MAX_STEPS, description="Denoising steps: more is slower and usually more detailed."),
+    Field(ge=1, le=LIMITS.max_steps, description="Denoising steps: more is slower and usually more detailed."),
 ]
 Seed = Annotated[
     int | None,
     Field(
         ge=0,
-        le=MAX_SEED,
+        le=LIMITS.max_seed,
         description="Random seed for a reproducible result; omit for a random one (reported back).",
     ),
 ]
-NumImages = Annotated[int, Field(ge=1, le=4, description="How many variants to make.")]
+NumImages = Annotated[int, Field(ge=1, le=LIMITS.max_output_images, description="How many variants to make.")]
 GuidanceScale = Annotated[
     float | None,
     Field(
         ge=0.0,
-        le=20.0,
-        description=("How closely to follow the text; omit for the model default (4.5, 3.5 with reasoning)."),
+        le=LIMITS.max_guidance_scale,
+        description=(
+            "How closely to follow the text; omit for the model default "
+            f"({_PLAIN_GUIDANCE[0]}, {_REASONED_GUIDANCE[0]} with reasoning)."
+        ),
     ),
 ]
+Side = Annotated[int | None, Field(ge=LIMITS.min_side, le=LIMITS.max_side)]
 ReasoningId = Annotated[
     str | None,
     Field(
@@ -105,22 +119,14 @@ class GenerateImageInput(BaseModel):
 
     prompt: str = Field(
         min_length=1,
-        max_length=4000,
+        max_length=LIMITS.max_prompt_chars,
         description="Description of the image to create (the same prompt given to reason, if used).",
     )
-    width: int | None = Field(
-        default=None,
-        ge=16,
-        le=MAX_SIDE,
-        description="Width in pixels (multiples of 16 work best); omit for the model default.",
+    width: Side = Field(default=None, description="Width in pixels (multiples of 16 work best); omit for the model default.")
+    height: Side = Field(
+        default=None, description="Height in pixels (multiples of 16 work best); omit for the model default."
     )
-    height: int | None = Field(
-        default=None,
-        ge=16,
-        le=MAX_SIDE,
-        description="Height in pixels (multiples of 16 work best); omit for the model default.",
-    )
-    steps: Steps = 20
+    steps: Steps = DEFAULT_STEPS
     seed: Seed = None
     num_images: NumImages = 1
     guidance_scale: GuidanceScale = None
@@ -132,34 +138,27 @@ class EditImageInput(_AcceptsSingleImage):
 
     images: list[ImageRef] = Field(
         min_length=1,
-        max_length=4,
+        max_length=LIMITS.max_images_per_prompt,
         description="The image(s) to edit, as image_ids or file paths; the first one sets the default size.",
     )
     instruction: str = Field(
         min_length=1,
-        max_length=4000,
+        max_length=LIMITS.max_prompt_chars,
         description="What to change, e.g. 'Make the sky purple and add a moon.'",
     )
-    width: int | None = Field(
-        default=None,
-        ge=16,
-        le=MAX_SIDE,
-        description="Output width in pixels; omit to keep the first image's width.",
-    )
-    height: int | None = Field(
-        default=None,
-        ge=16,
-        le=MAX_SIDE,
-        description="Output height in pixels; omit to keep the first image's height.",
-    )
-    steps: Steps = 20
+    width: Side = Field(default=None, description="Output width in pixels; omit to keep the first image's width.")
+    height: Side = Field(default=None, description="Output height in pixels; omit to keep the first image's height.")
+    steps: Steps = DEFAULT_STEPS
     seed: Seed = None
     num_images: NumImages = 1
     guidance_scale: GuidanceScale = None
     image_guidance_scale: float | None = Field(
         default=None,
         ge=0.0,
-        le=20.0,
-        description="How closely to keep the input image(s); omit for the model default (2.0, 1.5 with reasoning).",
+        le=LIMITS.max_guidance_scale,
+        description=(
+            "How closely to keep the input image(s); omit for the model default "
+            f"({_PLAIN_GUIDANCE[1]}, {_REASONED_GUIDANCE[1]} with reasoning)."
+        ),
     )
     reasoning_id: ReasoningId = None

@@ -4,29 +4,51 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent_tools.images import ImageStore
 from agent_tools.reasonings import ReasoningStore
 from agent_tools.runner import PipelineRunner
-from internvl_u_core import InternVLUPipeline
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline
 
 ReturnImages = Literal["none", "thumbnail", "full"]
 
 
+def _at_most(policy: int, core_bound: str) -> Any:
+    """A tighter default for agents that never exceeds the core's bound of the same kind."""
+    return field(default_factory=lambda: min(policy, getattr(DEFAULT_LIMITS, core_bound)))
+
+
 @dataclass(frozen=True)
 class ToolLimits:
-    """Bounds the tools enforce on top of their argument schemas."""
+    """Bounds for agents, tighter than the core's ``DEFAULT_LIMITS`` (which also cap any value given here)."""
 
     max_input_bytes: int = 20 * 2**20
-    max_input_pixels: int = 25_000_000
-    max_output_side: int = 2048
-    max_output_images: int = 4
-    max_steps: int = 100
-    max_new_tokens: int = 2048
+    max_input_pixels: int = _at_most(25_000_000, "max_input_file_pixels")
+    max_output_side: int = _at_most(2048, "max_side")
+    max_output_images: int = _at_most(4, "max_output_images")
+    max_steps: int = _at_most(100, "max_steps")
+    max_new_tokens: int = _at_most(2048, "max_new_tokens")
     max_reasoning_chars: int = 4000
     """Longer reasoning is cut in the text the agent reads; the artifact keeps it whole."""
+
+    def __post_init__(self) -> None:
+        for name, core_bound in _CORE_BOUNDS.items():
+            value, ceiling = getattr(self, name), getattr(DEFAULT_LIMITS, core_bound)
+            if not 1 <= value <= ceiling:
+                msg = f"ToolLimits.{name} = {value} must be between 1 and the core's {core_bound} ({ceiling})"
+                raise ValueError(msg)
+
+
+#: Each policy field of `ToolLimits` and the core bound that caps it.
+_CORE_BOUNDS = {
+    "max_input_pixels": "max_input_file_pixels",
+    "max_output_side": "max_side",
+    "max_output_images": "max_output_images",
+    "max_steps": "max_steps",
+    "max_new_tokens": "max_new_tokens",
+}
 
 
 class InternVLUSession:

@@ -10,6 +10,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from agent_tools.session import InternVLUSession, ReturnImages, ToolLimits
 from agent_tools.tools import EditImageTool, GenerateImageTool, ReasonTool, UnderstandImageTool
+from internvl_u_core import DEFAULT_HUB_ID
 
 
 class InternVLUToolkit(BaseToolkit):
@@ -18,7 +19,7 @@ class InternVLUToolkit(BaseToolkit):
     Example:
         ```python
         toolkit = InternVLUToolkit(
-            model="OpenGVLab/InternVL-U",  # or a loaded InternVLUPipeline
+            model="InternVL-U/InternVL-U",  # the default; or a checkpoint folder, or a loaded InternVLUPipeline
             output_dir="outputs",
             allowed_dirs=["uploads"],
         )
@@ -28,7 +29,10 @@ class InternVLUToolkit(BaseToolkit):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    model: Any = Field(description="A loaded InternVLUPipeline, or a checkpoint path / hub id loaded on first use.")
+    model: Any = Field(
+        default=DEFAULT_HUB_ID,
+        description="A loaded InternVLUPipeline, or a checkpoint path / hub id loaded on first use.",
+    )
     output_dir: Path = Field(description="Folder for generated and edited images (`<image_id>.png`).")
     allowed_dirs: list[Path] = Field(
         default_factory=list, description="Folders whose image files the agent may read, besides output_dir."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +15,12 @@ from agent_tools.images import LoadedImage, StoredImage
 from agent_tools.progress import JobControl
 from agent_tools.reasonings import StoredReasoning
 from agent_tools.schemas import (
-    MAX_SEED,
     EditImageInput,
     GenerateImageInput,
     ReasonInput,
     UnderstandImageInput,
 )
-from internvl_u_core import InternVLUPipeline
+from internvl_u_core import InternVLUPipeline, random_seed
 
 
 def _prepare_text_job(tool: InternVLUTool, request: UnderstandImageInput | ReasonInput) -> _ImageQuestion:
@@ -249,7 +247,7 @@ class _ImageJob:
 
 
 def _seed(requested: int | None) -> int:
-    return requested if requested is not None else secrets.randbelow(MAX_SEED + 1)
+    return requested if requested is not None else random_seed()
 
 
 def _count(images: list[Image.Image]) -> str:

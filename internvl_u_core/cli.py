@@ -8,6 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
+from . import validation as check
+from .errors import CheckpointNotDownloaded, InternVLUError, InvalidInputError
+from .limits import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_LIMITS,
+    DEFAULT_REASONING_TOKENS,
+    DEFAULT_STEPS,
+    random_seed,
+)
+from .loading import DEFAULT_HUB_ID
+
 MODEL_ENV = "INTERNVL_U_MODEL"
 
 
@@ -15,17 +29,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=os.environ.get(MODEL_ENV),
-        help=f"checkpoint folder in the released layout, or a Hugging Face hub id (default: ${MODEL_ENV})",
+        help=f"checkpoint folder in the released layout, or a Hugging Face hub id such as {DEFAULT_HUB_ID} "
+             f"(the released weights, downloaded once) (default: ${MODEL_ENV})",
     )
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weight precision; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1 or mps (default: cuda if available, else cpu)")
     group.add_argument("--offline", action="store_true",
                        help="never contact the hub; use only files already downloaded")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
     group.add_argument("--offload", action="store_true",
-                       help="keep components in CPU memory and move each to the GPU only while it runs "
-                            "(for GPUs with little memory)")
+                       help="keep components in CPU memory and move each to the CUDA GPU only while it runs "
+                            "(for GPUs with little memory; needs CUDA)")
 
 
 def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:
@@ -36,25 +52,34 @@ def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> N
     group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     group.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1, greedy)")
-    group.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    group.add_argument("--seed", type=int, default=None,
+                       help="random seed for --sample (default: a random one, printed)")
 
 
 def _add_image_options(parser: argparse.ArgumentParser, size_help: str) -> None:
     group = parser.add_argument_group("image generation")
+    limits = DEFAULT_LIMITS
+    (plain_all, plain_part), (reasoned_all, reasoned_part) = DEFAULT_GUIDANCE["image"], DEFAULT_GUIDANCE["text_image"]
     group.add_argument("-o", "--output", default="out.png",
-                       help="output PNG; with --num-images > 1, _1, _2 … are added (default: out.png)")
-    group.add_argument("--width", type=int, default=None, help=f"output width in pixels ({size_help})")
-    group.add_argument("--height", type=int, default=None, help=f"output height in pixels ({size_help})")
-    group.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+                       help="output image file; its suffix sets the format (.png, .jpg, .webp …); with "
+                            "--num-images > 1, _1, _2 … are added (default: out.png)")
+    group.add_argument("--mkdir", action="store_true", help="create the output folder if it does not exist")
+    sizes = f"{limits.min_side}–{limits.max_side}"
+    group.add_argument("--width", type=int, default=None, help=f"output width in pixels, {sizes} ({size_help})")
+    group.add_argument("--height", type=int, default=None, help=f"output height in pixels, {sizes} ({size_help})")
+    group.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default: {DEFAULT_STEPS})")
     group.add_argument("--cfg", type=float, default=None,
-                       help="guidance scale on the instruction (default: 4.5, or 3.5 with --reasoning)")
+                       help=f"guidance scale on the instruction (default: {plain_all}, or {reasoned_all} with "
+                            "--reasoning)")
     group.add_argument("--part-cfg", type=float, default=None,
-                       help="guidance scale on the input images/condition (default: 2.0, or 1.5 with --reasoning)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+                       help=f"guidance scale on the input images/condition (default: {plain_part}, or "
+                            f"{reasoned_part} with --reasoning)")
+    group.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     group.add_argument("--num-images", type=int, default=1, help="images to draw (default: 1)")
     group.add_argument("--reasoning", action="store_true",
                        help="let the model think first (chain of thought), then draw from prompt + thoughts")
-    group.add_argument("--reasoning-tokens", type=int, default=200, help="longest chain of thought (default: 200)")
+    group.add_argument("--reasoning-tokens", type=int, default=DEFAULT_REASONING_TOKENS,
+                       help=f"longest chain of thought (default: {DEFAULT_REASONING_TOKENS})")
     group.add_argument("--system-prompt", default=None, help="replace the built-in system message")
     group.add_argument("--vae-tiling", action="store_true",
                        help="encode/decode large images in tiles to save memory (tiny seams possible)")
@@ -73,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="an input image; repeat for several images in one question")
     understand.add_argument("--system-prompt", default=None, help="replace the built-in system message")
     _add_model_options(understand)
-    _add_text_options(understand, 256)
+    _add_text_options(understand, DEFAULT_ANSWER_TOKENS)
 
     reason = sub.add_parser("reason", help="print the chain of thought the model writes before drawing")
     reason.add_argument("prompt", help="the image description or edit instruction")
     reason.add_argument("--image", action="append", default=[], metavar="PATH", help="input image(s) for an edit")
     reason.add_argument("--system-prompt", default=None, help="replace the built-in system message")
     _add_model_options(reason)
-    _add_text_options(reason, 200)
+    _add_text_options(reason, DEFAULT_REASONING_TOKENS)
 
     generate = sub.add_parser("generate", help="draw an image from a text prompt")
     generate.add_argument("prompt", help="what to draw")
@@ -134,78 +159,135 @@ class _StepBar:
         sys.stderr.flush()
 
 
+_TEXT_ARGUMENT = {"understand": "question", "reason": "prompt", "generate": "prompt", "edit": "instruction"}
+CLI_NAMES = check.ArgumentNames(
+    width="--width", height="--height", steps="--steps", num_images="--num-images", all_cfg_scale="--cfg",
+    part_cfg_scale="--part-cfg", seed="--seed", device="--device", max_new_tokens="--max-new-tokens",
+    min_new_tokens="--min-new-tokens", do_sample="--sample", temperature="--temperature", top_p="--top-p",
+    num_beams="--num-beams", flags=True,
+)
+
+
+def _check_arguments(args) -> None:
+    """Refuse every bad argument before loading the model (seconds here, minutes for the released one).
+
+    Replaces ``args.image`` with the decoded images, fills in a random seed where none was given and
+    adds ``args.outputs`` (the files to write) for the drawing commands.
+    """
+    limits = DEFAULT_LIMITS
+    if not args.model:
+        raise InvalidInputError(
+            f"no model given; pass --model {DEFAULT_HUB_ID} (the released weights) or a checkpoint folder, "
+            f"or set ${MODEL_ENV}"
+        )
+    check.device(args.device, CLI_NAMES)
+    if args.offload:
+        check.offload_device(args.device, "--offload", CLI_NAMES)
+    text_argument = _TEXT_ARGUMENT[args.command]
+    check.text(getattr(args, text_argument), text_argument, limits)
+    check.system_prompt(args.system_prompt, limits, "--system-prompt")
+    args.image = check.image_list(getattr(args, "image", None), "--image", allow_empty=True, limits=limits)
+    if args.command in ("understand", "reason"):
+        check.text_kwargs(_text_kwargs(args), None, limits, CLI_NAMES)
+        if args.sample:
+            args.seed = _seed_or_random(args.seed, limits)
+        return
+    check.requested_size(args.height, args.width, None, limits, CLI_NAMES)
+    check.steps(args.steps, limits, "--steps")
+    check.num_images(args.num_images, limits, "--num-images")
+    for value, name in ((args.cfg, "--cfg"), (args.part_cfg, "--part-cfg")):
+        if value is not None:
+            check.guidance_scale(value, name, limits)
+    if args.reasoning:
+        check.integer(args.reasoning_tokens, "--reasoning-tokens", 1, limits.max_new_tokens)
+    args.outputs = _output_paths(args.output, args.num_images, args.mkdir)
+    args.seed = _seed_or_random(args.seed, limits)
+
+
+def _seed_or_random(seed: int | None, limits) -> int:
+    if seed is not None:
+        return check.optional_seed(seed, limits, "--seed")
+    seed = random_seed()
+    print(f"seed: {seed} (pass --seed {seed} to get the same result)", file=sys.stderr)
+    return seed
+
+
+def _output_paths(output: str, count: int, mkdir: bool) -> list[tuple[Path, str]]:
+    """The files to write and their image format (from the suffix), checked before any work."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        raise InvalidInputError(f"-o/--output {output!r} is a folder; give a file name such as {path / 'out.png'}")
+    if not path.suffix:
+        raise InvalidInputError(f"-o/--output {output!r} has no suffix; end it in .png, .jpg or .webp")
+    image_format = _save_formats().get(path.suffix.lower())
+    if image_format is None:
+        raise InvalidInputError(
+            f"-o/--output {output!r}: cannot write images in the {path.suffix!r} format; end it in "
+            f"{', '.join(sorted(_save_formats()))}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        if not mkdir:
+            raise InvalidInputError(
+                f"-o/--output {output!r}: folder {str(folder)!r} does not exist; create it or add --mkdir"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+    if count == 1:
+        return [(path, image_format)]
+    return [(path.with_name(f"{path.stem}_{i + 1}{path.suffix}"), image_format) for i in range(count)]
+
+
+def _save_formats() -> dict[str, str]:
+    """File suffix → PIL format name, for the RGB formats this Pillow can write."""
+    Image.init()
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in _RGB_FORMATS and fmt in Image.SAVE}
+
+
+_RGB_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
+
+
 def _load(args):
     from .pipeline import InternVLUPipeline
 
-    if not args.model:
-        raise SystemExit(f"internvl-u: error: no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}")
     started = time.perf_counter()
 
     def progress(message: str) -> None:
         print(f"[{time.perf_counter() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
 
-    components = ("vlm",) if args.command == "understand" else ("vlm", "generation_decoder", "vae")
-    device = "cpu" if args.offload else args.device
+    components = ("vlm",) if args.command in ("understand", "reason") else ("vlm", "generation_decoder", "vae")
     pipe = InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device=device, local_files_only=args.offline,
-        revision=args.revision, progress=progress, components=components,
+        args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
+        local_files_only=args.offline, revision=args.revision, progress=progress, components=components,
     )
     if args.offload:
-        pipe.enable_model_cpu_offload(args.device or "cuda")
+        pipe.enable_model_cpu_offload(args.device)
     if getattr(args, "vae_tiling", False):
         pipe.enable_vae_tiling()
     return pipe
 
 
-def _output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
-    if path.suffix.lower() != ".png":
-        path = path.with_suffix(".png")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i + 1}{path.suffix}") for i in range(count)]
-
-
 def _text_kwargs(args) -> dict:
     return {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "temperature": args.temperature,
-            "top_p": args.top_p, "num_beams": args.num_beams, "seed": args.seed}
-
-
-def _check_numbers(args) -> None:
-    """Refuse bad numbers before spending seconds on loading the model."""
-    from . import validation as check
-
-    if getattr(args, "steps", None) is not None:
-        check.steps(args.steps)
-        check.count(args.num_images, "num_images")
-        for name in ("width", "height"):
-            if getattr(args, name) is not None:
-                check.integer(getattr(args, name), name, 1, check.DEFAULT_LIMITS.max_side)
-    if getattr(args, "max_new_tokens", None) is not None:
-        check.integer(args.max_new_tokens, "max_new_tokens", 1, check.DEFAULT_LIMITS.max_new_tokens)
-    for path in getattr(args, "image", None) or []:
-        if not Path(path).is_file():
-            raise SystemExit(f"internvl-u: error: image file {path!r} does not exist")
+            "top_p": args.top_p, "num_beams": args.num_beams}
 
 
 def run(args) -> int:
-    _check_numbers(args)
+    _check_arguments(args)
     pipe = _load(args)
     if args.command == "understand":
-        answer = pipe.understand(args.image or None, args.question, system_prompt=args.system_prompt,
+        answer = pipe.understand(args.image, args.question, system_prompt=args.system_prompt, seed=args.seed,
                                  **_text_kwargs(args))
         print(answer)
         return 0
     if args.command == "reason":
-        reasoning = pipe.reason(args.prompt, args.image or None, system_prompt=args.system_prompt,
+        reasoning = pipe.reason(args.prompt, args.image, system_prompt=args.system_prompt, seed=args.seed,
                                 **_text_kwargs(args))
         print(reasoning.text)
         return 0
-    images = getattr(args, "image", None) or []
     prompt = args.prompt if args.command == "generate" else args.instruction
     reasoning = None
     if args.reasoning:
-        reasoning = pipe.reason(prompt, images or None, max_new_tokens=args.reasoning_tokens,
+        reasoning = pipe.reason(prompt, args.image, max_new_tokens=args.reasoning_tokens,
                                 system_prompt=args.system_prompt)
         print(f"reasoning: {reasoning.text}", file=sys.stderr)
     common = {"width": args.width, "height": args.height, "steps": args.steps, "all_cfg_scale": args.cfg,
@@ -214,21 +296,28 @@ def run(args) -> int:
     if args.command == "generate":
         pictures = pipe.generate(prompt, **common)
     else:
-        pictures = pipe.edit(images, prompt, **common)
-    for picture, path in zip(pictures, _output_paths(args.output, len(pictures))):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(path)
+        pictures = pipe.edit(args.image, prompt, **common)
+    for picture, (path, image_format) in zip(pictures, args.outputs):
+        picture.save(path, format=image_format, **_SAVE_OPTIONS.get(image_format, {}))
         print(path)
     return 0
 
 
+_SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import InternVLUError
-
     handler = getattr(args, "handler", None)
     try:
         return handler(args) if handler is not None else run(args)
+    except CheckpointNotDownloaded as exc:
+        print(
+            f"internvl-u: error: {exc.hub_id!r} is not downloaded yet and --offline (or HF_HUB_OFFLINE=1) forbids "
+            "downloading; run once without --offline, or pass --model with a checkpoint folder",
+            file=sys.stderr,
+        )
+        return 2
     except InternVLUError as exc:
         print(f"internvl-u: error: {exc}", file=sys.stderr)
         return 2

@@ -23,5 +23,17 @@ class ModelLoadError(InternVLUError, OSError):
     """A checkpoint folder, file or hub id cannot be loaded; the message names the file."""
 
 
+class CheckpointNotDownloaded(ModelLoadError):
+    """A hub checkpoint is not in the local cache and downloads are switched off."""
+
+    def __init__(self, hub_id: str):
+        self.hub_id = hub_id
+        super().__init__(
+            f"{hub_id!r} is not in the local Hugging Face cache and offline mode is on "
+            "(local_files_only=True or HF_HUB_OFFLINE=1); load it once with downloads allowed, or pass a "
+            "checkpoint folder"
+        )
+
+
 class GenerationCancelled(InternVLUError):
     """A progress callback asked to stop; the pipeline is ready for the next call."""

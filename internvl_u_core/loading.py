@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import CheckpointNotDownloaded, ModelLoadError
 
+#: The released weights on the Hugging Face hub (what the CLI, nodes, tools and docs show).
+DEFAULT_HUB_ID = "InternVL-U/InternVL-U"
+#: The official code repository; people pass it by mistake, it holds no weights.
+CODE_REPOSITORY_ID = "OpenGVLab/InternVL-U"
 COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -52,26 +56,52 @@ def resolve_checkpoint(
         raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds model_index.json")
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise ModelLoadError(
-            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name'"
+            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name' "
+            f"(the released model is {DEFAULT_HUB_ID!r})"
+        )
+    return download_checkpoint(text, revision=revision, local_files_only=local_files_only, progress=progress)
+
+
+def download_checkpoint(
+    hub_id: str,
+    *,
+    local_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Fetch the files the pipeline reads (configs, processor, safetensors; never pickles) of a hub checkpoint.
+
+    Into the Hugging Face cache, or into ``local_dir`` (the ComfyUI model folder). With
+    ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) only an earlier download is used.
+    """
+    if hub_id.lower() == CODE_REPOSITORY_ID.lower():
+        raise ModelLoadError(
+            f"{hub_id!r} is the GitHub code repository, not the weights; the released model is "
+            f"{DEFAULT_HUB_ID!r} on the Hugging Face hub"
         )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
         raise ModelLoadError("downloading from the hub needs the huggingface_hub package") from exc
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
     if progress:
-        progress(f"Fetching {text} from the Hugging Face hub")
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+        progress(f"Fetching {hub_id} from the Hugging Face hub" + (" cache" if offline else ""))
     try:
         folder = snapshot_download(
-            text, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
+            hub_id,
+            revision=revision,
+            allow_patterns=_HUB_PATTERNS,
+            local_files_only=offline,
+            local_dir=None if local_dir is None else os.fspath(local_dir),
         )
     except Exception as exc:  # the hub raises many unrelated types; all mean "not available"
-        hint = (
-            "it is not in the local cache and offline mode is on"
-            if offline
-            else "check the id, your network and, for gated repos, `huggingface-cli login`"
-        )
-        raise ModelLoadError(f"could not get {text!r} from the Hugging Face hub: {hint} ({exc})") from exc
+        if offline:
+            raise CheckpointNotDownloaded(hub_id) from exc
+        raise ModelLoadError(
+            f"could not download {hub_id!r} from the Hugging Face hub: check the id, your network and, for "
+            f"gated repos, `hf auth login` ({type(exc).__name__}: {exc})"
+        ) from exc
     return Path(folder)
 
 
@@ -155,19 +185,18 @@ def load_weights_into(
     dtype: torch.dtype,
     device: torch.device,
     optional: Iterable[str] = (),
-    keep_float32: Callable[[str], bool] | None = None,
 ) -> None:
-    """Stream every tensor of ``folder`` into ``module`` (built on the meta device).
+    """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
-    Missing or unexpected names and shape mismatches are errors that name the parameters, so a
+    Tensors whose dtype is already ``dtype`` are the memory-mapped file itself (no copy, pages are
+    read on first use); others are converted in one pass. Missing or unexpected names and shape
+    mismatches are errors that name the parameters, raised before anything is assigned, so a
     checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     files = safetensors_files(folder)
     expected = dict(module.named_parameters())
     expected.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
-    seen: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for file, name, tensor in iter_safetensors(files):
         target = expected.get(name)
@@ -179,12 +208,8 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
-        if tensor.is_floating_point():
-            wanted = torch.float32 if keep_float32 and keep_float32(name) else dtype
-            tensor = tensor.to(wanted)
-        set_module_tensor_to_device(module, name, device, value=tensor, dtype=tensor.dtype)
-        seen.add(name)
-    missing = set(expected) - seen - set(optional)
+        state[name] = _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device)
+    missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
         parts = []
         if missing:
@@ -194,3 +219,14 @@ def load_weights_into(
         raise ModelLoadError(
             f"weights in {folder} do not match its config.json ({'; '.join(parts)})"
         )
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def _placed(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A mapped file tensor as the module will hold it: itself when nothing changes, else one copy.
+
+    On an accelerator the file's bytes are moved first and converted there, where it is cheap.
+    """
+    if device.type == "cpu":
+        return tensor.to(dtype)
+    return tensor.to(device).to(dtype)

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,14 @@ from PIL import Image
 
 from . import validation as check
 from .conditioning import conditioning_spans, reassemble_with_reasoning
-from .errors import InvalidInputError, InvalidInputTypeError, ModelLoadError
+from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError, ModelLoadError
+from .limits import (
+    DEFAULT_ANSWER_TOKENS,
+    DEFAULT_GUIDANCE,
+    DEFAULT_LIMITS,
+    DEFAULT_REASONING_TOKENS,
+    DEFAULT_STEPS,
+)
 from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
@@ -31,9 +38,10 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
-    use_single_frame_convolutions,
+    use_reference_norms,
 )
 from .textgen import TextCallback, TokenCallback, generate_tokens
+from .tracing import RunTrace, TraceSink
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
 
 logger = logging.getLogger("internvl_u_core")
@@ -46,10 +54,6 @@ DIFFUSION_KWARGS = (
     "num_inference_steps", "num_images_per_prompt", "all_cfg_scale", "part_cfg_scale",
     "height", "width", "generator", "timestep_trunc", "flow_shift",
 )
-MODE_DEFAULTS = {
-    "image": {"all_cfg_scale": 4.5, "part_cfg_scale": 2.0, "num_inference_steps": 20},
-    "text_image": {"all_cfg_scale": 3.5, "part_cfg_scale": 1.5, "num_inference_steps": 20, "max_new_tokens": 200},
-}
 
 
 @dataclass
@@ -59,6 +63,33 @@ class InternVLUPipelineOutput:
     generate_output: torch.LongTensor | None = None  # new token ids [n, T] (text modes)
     text: list[str] | None = None  # decoded ``generate_output``, special tokens skipped
     images: list[Image.Image] | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    """A validated image request: output size, steps, copies per prompt, guidance and noise source."""
+
+    height: int
+    width: int
+    steps: int
+    images_per_prompt: int
+    all_cfg_scale: float
+    part_cfg_scale: float
+    generator: torch.Generator | list[torch.Generator] | None
+    timestep_trunc: float = RENORM_TIMESTEP  # guidance renormalised at integer timesteps above it (<= 0: never)
+    flow_shift: float = FLOW_SHIFT
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the decoder is conditioned on, one entry per guidance row (full, part, uncond × prompts)."""
+
+    spans: list[tuple[torch.Tensor, torch.Tensor]]  # the row's VLM features and their image-token mask
+    image_fhw: list[torch.Tensor]  # ViT grid (frames, h, w) of each input image of the row
+    references: list[torch.Tensor | None]  # VAE latents of the row's input images
+    reference_grids: list[torch.Tensor | None]  # their latent grids
+    target_grid: torch.Tensor  # [rows, 3] latent grid of the image to draw
+    uncond_equals_part: bool  # no input images: the two dropped rows are one prompt, computed once
 
 
 @dataclass(frozen=True)
@@ -93,6 +124,25 @@ class Reasoning:
         return cls(data["text"], tuple(ids), data.get("prompt", ""), images, system)
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """The drawing options of ``generate``/``edit`` as the caller gave them (``None``: the default)."""
+
+    width: int | None
+    height: int | None
+    steps: int
+    all_cfg_scale: float | None
+    part_cfg_scale: float | None
+    timestep_trunc: float | None
+    flow_shift: float | None
+    seed: int | None
+    generator: torch.Generator | None
+    num_images: int
+    reasoning: Reasoning | None
+    system_prompt: str | None
+    callback: StepCallback | None
+
+
 class InternVLUPipeline:
     """The whole InternVL-U model: understanding, reasoning, text-to-image and editing."""
 
@@ -108,9 +158,9 @@ class InternVLUPipeline:
         self._offload_device: torch.device | None = None
         # Skip work whose result the reference throws away (benchmarks switch it off to compare).
         self.dedupe_guidance_rows = True
-        self.limits = check.Limits()
-        # Tests set this to a callable(name, tensor) to compare every stage with the reference.
-        self.recorder: Callable[[str, torch.Tensor], None] | None = None
+        self.limits = replace(DEFAULT_LIMITS)
+        # Tests set this to a callable(name, tensor) to compare every stage with the reference (see tracing).
+        self.recorder: TraceSink | None = None
         tok = processor.token_id
         self.im_start_id = tok(IM_START)
         self.im_end_id = tok(IM_END)
@@ -191,9 +241,9 @@ class InternVLUPipeline:
                 module.to(device)
         return self
 
-    def enable_model_cpu_offload(self, device: str | torch.device = "cuda") -> None:
-        """Keep components on the CPU and move each to ``device`` only while it runs."""
-        device = check.device(device)
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Keep components on the CPU and move each to ``device`` (default: CUDA) only while it runs."""
+        device = check.offload_device(device, "enable_model_cpu_offload()")
         with self._lock:
             for module in self.components.values():
                 module.to("cpu")
@@ -207,6 +257,15 @@ class InternVLUPipeline:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
+
+    def compile_transformer(self, **compile_kwargs) -> None:
+        """Opt-in regional ``torch.compile`` of the DiT's repeated blocks (same numbers; pays off on CUDA).
+
+        The first image compiles (tens of seconds); a new size or batch layout compiles again.
+        ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        """
+        self._require_generation()
+        self.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
 
     def model_size_bytes(self) -> int:
         return sum(
@@ -244,7 +303,7 @@ class InternVLUPipeline:
     ) -> InternVLUPipelineOutput:
         """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
         mode = check.generation_mode(generation_mode)
-        prompts, images = check.prompts_and_images(prompt, image, mode, self.limits)
+        prompts, images = check.prompts_and_images(prompt, image, limits=self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
         with self._lock:
@@ -253,11 +312,24 @@ class InternVLUPipeline:
                 ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
                 return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
             self._require_generation()
-            settings = self._diffusion_settings(mode, diffusion_kwargs)
+            given = {key: value for key, value in diffusion_kwargs.items() if value is not None}
+            settings = self._diffusion_settings(
+                mode,
+                height=given.get("height"),
+                width=given.get("width"),
+                steps=given.get("num_inference_steps", DEFAULT_STEPS),
+                images_per_prompt=given.get("num_images_per_prompt", 1),
+                all_cfg_scale=given.get("all_cfg_scale"),
+                part_cfg_scale=given.get("part_cfg_scale"),
+                generator=given.get("generator"),
+                names=check.REFERENCE_NAMES,
+                timestep_trunc=given.get("timestep_trunc"),
+                flow_shift=given.get("flow_shift"),
+            )
             reasoning_ids = None
             if mode == "text_image":
                 text_kwargs = check.text_kwargs(
-                    text_kwargs, default_max_new_tokens=MODE_DEFAULTS[mode]["max_new_tokens"], limits=self.limits
+                    text_kwargs, default_max_new_tokens=DEFAULT_REASONING_TOKENS, limits=self.limits
                 )
                 reasoning_ids = self._generate_text(
                     prompts, images, "text_image", system_prompt, text_kwargs, None, token_callback
@@ -277,7 +349,7 @@ class InternVLUPipeline:
         images,
         question: str,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -296,12 +368,67 @@ class InternVLUPipeline:
         )
         return self._decode(ids)[0]
 
+    def understand_each(
+        self,
+        images,
+        question: str,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        token_callback: TokenCallback | None = None,
+        image_callback: Callable[[int, int], bool | None] | None = None,
+    ) -> list[str]:
+        """One answer per image, each the one ``understand(image, question)`` gives for that image alone.
+
+        Greedy and beam search run images of equal size together, ``batch_size`` at a time (their
+        prompts have equal length, so no row is padded). With ``do_sample`` each image runs alone
+        with ``seed``, as the one-image call does. ``image_callback(done, total)`` follows each
+        batch; returning ``False`` stops the run with ``GenerationCancelled``.
+        """
+        question = check.text(question, "question", self.limits)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidInputError("images: at least one image is needed")
+        pictures = [check.load_image(item, f"images[{i}]", self.limits) for i, item in enumerate(items)]
+        batch_size = check.integer(batch_size, "batch_size", 1, self.limits.max_images_per_prompt)
+        kwargs = check.text_kwargs(
+            dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
+                 temperature=temperature, top_p=top_p, num_beams=num_beams),
+            default_max_new_tokens=None, limits=self.limits,
+        )
+        seed = check.optional_seed(seed)
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, picture in enumerate(pictures):
+            by_size.setdefault(picture.size, []).append(index)
+        width = 1 if kwargs.get("do_sample") else batch_size
+        batches = [group[i : i + width] for group in by_size.values() for i in range(0, len(group), width)]
+        answers: list[str] = [""] * len(pictures)
+        done = 0
+        with self._lock:
+            for batch in batches:
+                ids = self._generate_text([question] * len(batch), [[pictures[i]] for i in batch], "text",
+                                          system_prompt, kwargs, seed, token_callback)
+                for index, answer in zip(batch, self._decode(ids)):
+                    answers[index] = answer
+                done += len(batch)
+                if image_callback is not None and image_callback(done, len(pictures)) is False:
+                    raise GenerationCancelled(f"understand_each was stopped by image_callback after {done} images")
+        return answers
+
     def reason(
         self,
         prompt: str,
         images=None,
         *,
-        max_new_tokens: int = 200,
+        max_new_tokens: int = DEFAULT_REASONING_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -331,7 +458,7 @@ class InternVLUPipeline:
         text = check.text(text, name, self.limits)
         pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         kwargs = check.text_kwargs(sampling, default_max_new_tokens=None, limits=self.limits)
-        seed = check.optional_seed(seed)
+        seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         streaming = text_callback is not None and kwargs.get("num_beams", 1) == 1
         ids_callback = (lambda new_ids: text_callback(self._decode(new_ids[:1])[0])) if streaming else None
@@ -349,7 +476,7 @@ class InternVLUPipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
         timestep_trunc: float | None = None,
@@ -363,8 +490,12 @@ class InternVLUPipeline:
     ) -> list[Image.Image]:
         """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
         prompt = check.text(prompt, "prompt", self.limits)
-        return self._draw(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                          flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
+        request = ImageRequest(
+            width=width, height=height, steps=steps, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
+            timestep_trunc=timestep_trunc, flow_shift=flow_shift, seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
+            system_prompt=system_prompt, callback=callback,
+        )
+        return self._draw(prompt, [], request)
 
     def edit(
         self,
@@ -373,7 +504,7 @@ class InternVLUPipeline:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
         timestep_trunc: float | None = None,
@@ -388,8 +519,12 @@ class InternVLUPipeline:
         """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
         instruction = check.text(instruction, "instruction", self.limits)
         pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
-        return self._draw(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                          flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
+        request = ImageRequest(
+            width=width, height=height, steps=steps, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
+            timestep_trunc=timestep_trunc, flow_shift=flow_shift, seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
+            system_prompt=system_prompt, callback=callback,
+        )
+        return self._draw(instruction, pictures, request)
 
     def generate_batch(
         self,
@@ -400,7 +535,7 @@ class InternVLUPipeline:
         reasonings: list[Reasoning | None] | None = None,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
         timestep_trunc: float | None = None,
@@ -426,7 +561,7 @@ class InternVLUPipeline:
                 not isinstance(values, (list, tuple)) or len(values) != count
             ):
                 raise InvalidInputError(f"{name} must be a list with one entry per prompt ({count})")
-        generators = [_seeded_or_random(check.optional_seed(seed)) for seed in seeds]
+        generators = [_seeded_or_random(check.optional_seed(seed, self.limits)) for seed in seeds]
         pictures = [
             check.image_list(entry, f"images[{i}]", allow_empty=images is None, limits=self.limits)
             for i, entry in enumerate(images or [None] * count)
@@ -444,51 +579,86 @@ class InternVLUPipeline:
             )
         width, height = sizes.pop()
         system_prompt = check.system_prompt(system_prompt, self.limits)
-        mode = "image" if reasonings[0] is None else "text_image"
-        kwargs = {"num_inference_steps": steps, "height": height, "width": width, "all_cfg_scale": all_cfg_scale,
-                  "part_cfg_scale": part_cfg_scale, "timestep_trunc": timestep_trunc, "flow_shift": flow_shift,
-                  "generator": generators}
         with self._lock, self._releasing_accelerator_on_failure(), torch.inference_mode():
-            settings = self._diffusion_settings(mode, {k: v for k, v in kwargs.items() if v is not None})
+            settings = self._diffusion_settings(
+                "image" if reasonings[0] is None else "text_image", height=height, width=width, steps=steps,
+                images_per_prompt=1, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
+                generator=generators, names=check.API_NAMES, timestep_trunc=timestep_trunc, flow_shift=flow_shift,
+            )
+            trace = RunTrace(None)  # the fixtures' traces describe one call, not a shared pass
             prepared = [
-                self._prepare_conditioning([prompt], [inputs], system_prompt, settings, self._reasoning_ids(reasoning))
+                self._prepare_conditioning([prompt], [inputs], system_prompt, settings, self._reasoning_ids(reasoning),
+                                           trace)
                 for prompt, inputs, reasoning in zip(prompts, pictures, reasonings)
             ]
             # _sample reads only the prompt count and the (shared) generation size from the batch.
             batch = dataclasses.replace(prepared[0][0], num_prompts=count)
-            latents = self._sample(batch, _merge_conditions([cond for _, cond in prepared]), settings, callback)
-            return self._to_pictures(latents, (settings["width"], settings["height"]))
+            cond = _merge_conditions([cond for _, cond in prepared])
+            latents = self._sample(batch, cond, settings, callback, trace)
+            return self._to_pictures(latents, (settings.width, settings.height), trace)
 
-    def decode_latents_preview(self, latents: torch.Tensor) -> Image.Image:
-        """A cheap RGB preview of the current latents (no VAE pass)."""
-        return latents_preview(latents)
+    def decode_latents_preview(
+        self, latents: torch.Tensor, rgb_factors: torch.Tensor | None = None, rgb_bias: torch.Tensor | None = None
+    ) -> Image.Image:
+        """A cheap RGB preview of the current latents (no VAE pass); see ``sampling.latents_preview``."""
+        return latents_preview(latents, rgb_factors, rgb_bias)
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Images from normalised latents ``[N, C, H/8, W/8]``, decoded as ``generate``/``edit`` decode theirs."""
+        self._require_generation()
+        latents = check.latents(latents, self.codec.mean.shape[1])
+        with self._lock:
+            self._activate(self.vae)
+            return [picture for sample in latents.split(1) for picture in pixels_to_pil(self.codec.decode(sample))]
+
+    def to_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's normalised latents in the VAE's own latent space (``z·std + mean``, float32).
+
+        That space is what other tools hold, e.g. ComfyUI's LATENT for the Qwen-Image VAE.
+        """
+        self._require_generation()
+        return self.codec.denormalize(check.latents(latents, self.codec.mean.shape[1]))
+
+    def from_vae_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_vae_latents`: VAE-space latents → the pipeline's normalised latents."""
+        self._require_generation()
+        return self.codec.normalize(check.latents(vae_latents, self.codec.mean.shape[1]))
 
     # ------------------------------------------------------------------------------------------
     # Internals
     # ------------------------------------------------------------------------------------------
-    def _draw(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc, flow_shift,
-              seed, generator, num_images, reasoning, system_prompt, callback) -> list[Image.Image]:
+    def _draw(self, prompt: str, pictures: list[Image.Image], request: ImageRequest) -> list[Image.Image]:
         self._require_generation()
-        mode = "image" if reasoning is None else "text_image"
+        reasoning = request.reasoning
         self._check_reasoning(reasoning, pictures, "reasoning")
-        system_prompt = check.system_prompt(system_prompt, self.limits)
-        width, height = self._default_size(pictures, width, height)
-        kwargs = {"num_inference_steps": steps, "num_images_per_prompt": num_images, "height": height, "width": width,
-                  "all_cfg_scale": all_cfg_scale, "part_cfg_scale": part_cfg_scale, "timestep_trunc": timestep_trunc,
-                  "flow_shift": flow_shift, "generator": generator if generator is not None else check.seed_generator(seed)}
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        system_prompt = check.system_prompt(request.system_prompt, self.limits)
+        width, height = self._default_size(pictures, request.width, request.height)
+        generator = request.generator
+        if generator is None:
+            generator = check.seed_generator(check.optional_seed(request.seed, self.limits))
         with self._lock:
-            settings = self._diffusion_settings(mode, kwargs)
+            settings = self._diffusion_settings(
+                "image" if reasoning is None else "text_image",
+                height=height,
+                width=width,
+                steps=request.steps,
+                images_per_prompt=request.num_images,
+                all_cfg_scale=request.all_cfg_scale,
+                part_cfg_scale=request.part_cfg_scale,
+                generator=generator,
+                names=check.API_NAMES,
+                timestep_trunc=request.timestep_trunc,
+                flow_shift=request.flow_shift,
+            )
             return self._generate_images(
-                [prompt], [pictures], system_prompt, settings, self._reasoning_ids(reasoning), callback
+                [prompt], [pictures], system_prompt, settings, self._reasoning_ids(reasoning), request.callback
             )
 
-    @staticmethod
-    def _default_size(pictures, width, height) -> tuple[int | None, int | None]:
-        """Each missing side defaults to the first input image's (text-to-image keeps ``None``)."""
+    def _default_size(self, pictures, width, height) -> tuple[int | None, int | None]:
+        """Each missing side defaults to the first input image's (at least the smallest size); text-to-image keeps None."""
         if pictures:
-            width = pictures[0].width if width is None else width
-            height = pictures[0].height if height is None else height
+            width = max(pictures[0].width, self.limits.min_side) if width is None else width
+            height = max(pictures[0].height, self.limits.min_side) if height is None else height
         return width, height
 
     def _check_reasoning(self, reasoning, pictures, name: str) -> None:
@@ -508,47 +678,33 @@ class InternVLUPipeline:
     def _reasoning_ids(reasoning: Reasoning | None) -> torch.Tensor | None:
         return None if reasoning is None else torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
 
-    def _record(self, name: str, value) -> None:
-        if self.recorder is not None:
-            self.recorder(name, value.detach().cpu() if isinstance(value, torch.Tensor) else value)
-
-    def _record_batch(self, batch: ProcessorOutput, input_ids, attention_mask) -> None:
-        if self.recorder is None:
-            return
-        for name in ("input_ids", "attention_mask", "pixel_values", "pixel_values_gen", "image_grid_thw_gen",
-                     "generation_flags"):
-            if getattr(batch, name) is not None:
-                self._record(f"processor.0.{name}", getattr(batch, name))
-        self._record("vlm_image_stage.input_ids.0", input_ids)
-        self._record("vlm_image_stage.attention_mask.0", attention_mask)
-
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def _diffusion_settings(self, mode: str, kwargs: dict) -> dict:
-        """Mode defaults + the caller's values, every one validated."""
+    def _diffusion_settings(
+        self, mode: str, *, height, width, steps, images_per_prompt, all_cfg_scale, part_cfg_scale, generator,
+        names: check.ArgumentNames, timestep_trunc=None, flow_shift=None,
+    ) -> DiffusionSettings:
+        """Validate the caller's values; ``None`` sizes and scales take the checkpoint's and the mode's defaults."""
         config = self.generation_decoder.config
-        settings = dict(MODE_DEFAULTS[mode])
-        settings.update({k: v for k, v in kwargs.items() if v is not None})
-        settings.pop("max_new_tokens", None)
-        height = settings.get("height")
-        width = settings.get("width")
-        if height is None and width is None:
-            height, width = config.gen_image_height, config.gen_image_width
-        # A single given side is used for both (as the reference does); check it under its own name first.
-        if height is None:
-            height = check.integer(width, "width", 1, self.limits.max_side)
-        if width is None:
-            width = check.integer(height, "height", 1, self.limits.max_side)
-        settings["height"], settings["width"] = check.image_size(height, width, self.limits)
-        settings["num_inference_steps"] = check.steps(settings["num_inference_steps"], self.limits)
-        settings["num_images_per_prompt"] = check.count(settings.get("num_images_per_prompt", 1), "num_images_per_prompt")
-        settings["all_cfg_scale"] = check.finite(settings["all_cfg_scale"], "all_cfg_scale")
-        settings["part_cfg_scale"] = check.finite(settings["part_cfg_scale"], "part_cfg_scale")
-        settings["timestep_trunc"] = check.finite(settings.get("timestep_trunc", RENORM_TIMESTEP), "timestep_trunc")
-        settings["flow_shift"] = check.positive(settings.get("flow_shift", FLOW_SHIFT), "flow_shift")
-        settings["generator"] = check.generator(settings.get("generator"))
-        return settings
+        default_size = (config.gen_image_height, config.gen_image_width)
+        height, width = check.requested_size(height, width, default_size, self.limits, names)
+        default_all, default_part = DEFAULT_GUIDANCE[mode]
+        return DiffusionSettings(
+            height=height,
+            width=width,
+            steps=check.steps(steps, self.limits, names.steps),
+            images_per_prompt=check.num_images(images_per_prompt, self.limits, names.num_images),
+            all_cfg_scale=check.guidance_scale(
+                default_all if all_cfg_scale is None else all_cfg_scale, names.all_cfg_scale, self.limits
+            ),
+            part_cfg_scale=check.guidance_scale(
+                default_part if part_cfg_scale is None else part_cfg_scale, names.part_cfg_scale, self.limits
+            ),
+            generator=check.generator(generator),
+            timestep_trunc=check.finite(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, "timestep_trunc"),
+            flow_shift=check.positive(FLOW_SHIFT if flow_shift is None else flow_shift, "flow_shift"),
+        )
 
     def _generate_text(
         self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback, ids_callback=None
@@ -597,31 +753,32 @@ class InternVLUPipeline:
                 "a batch cannot mix editing prompts (with images) and text-to-image prompts (without); "
                 "run them as separate calls"
             )
-        generator, draws = settings["generator"], len(prompts) * settings["num_images_per_prompt"]
+        generator, draws = settings.generator, len(prompts) * settings.images_per_prompt
         if isinstance(generator, list) and len(generator) != draws:  # checked before any model work
             raise InvalidInputError(
                 f"generator is a list of {len(generator)} generators but the call draws {draws} images; "
                 "pass one generator, or one per image"
             )
-        batch, cond = self._prepare_conditioning(prompts, images, system_prompt, settings, reasoning_ids)
-        latents = self._sample(batch, cond, settings, callback)
-        return self._to_pictures(latents, (settings["width"], settings["height"]))
+        trace = RunTrace(self.recorder)
+        batch, cond = self._prepare_conditioning(prompts, images, system_prompt, settings, reasoning_ids, trace)
+        latents = self._sample(batch, cond, settings, callback, trace)
+        return self._to_pictures(latents, (settings.width, settings.height), trace)
 
-    def _prepare_conditioning(self, prompts, images, system_prompt, settings, reasoning_ids):
+    def _prepare_conditioning(self, prompts, images, system_prompt, settings, reasoning_ids, trace: RunTrace):
         """Processor rows (with the chain-of-thought appended) → ``(batch, conditioning)`` for :meth:`_sample`."""
         mode = "image" if reasoning_ids is None else "text_image"
         batch = self.processor(prompts, images, mode, system_prompt,
-                               height=settings["height"], width=settings["width"])
+                               height=settings.height, width=settings.width)
         input_ids, attention_mask = batch.input_ids, batch.attention_mask
         if reasoning_ids is not None:
             input_ids, attention_mask = reassemble_with_reasoning(
                 input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
             )
         check.prompt_length(input_ids.shape[1], 0, self.max_prompt_tokens, "prompt")
-        self._record_batch(batch, input_ids, attention_mask)
-        return batch, self._conditioning(batch, input_ids, attention_mask)
+        trace.prompts(batch, input_ids, attention_mask)
+        return batch, self._conditioning(batch, input_ids, attention_mask, trace)
 
-    def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask) -> dict:
+    def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask, trace: RunTrace) -> Conditioning:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
         decoder_config = self.generation_decoder.config
         vlm_device = self._activate(self.vlm)
@@ -644,6 +801,7 @@ class InternVLUPipeline:
         spans = conditioning_spans(
             features, input_ids, attention_mask, im_start_id=self.im_start_id, image_context_id=self.image_context_id
         )
+        trace.conditioning(spans)
         # ViT grid per input image of a row (h, w after pixel shuffle).
         side = 0
         if batch.pixel_values is not None:
@@ -658,7 +816,7 @@ class InternVLUPipeline:
             self._activate(self.vae)
             latents = self.codec.encode(batch.pixel_values_gen[:unique])  # both halves hold the same images
             latents = torch.cat([latents, latents])
-            self._record("diffusion.cond_latents", latents)
+            trace.record("diffusion.cond_latents", latents)
             grids = batch.image_grid_thw_gen[batch.generation_flags == 0]
             cursor = 0
             for row, k in enumerate(row_counts):
@@ -666,97 +824,83 @@ class InternVLUPipeline:
                     references[row] = latents[cursor : cursor + k]
                     reference_grids[row] = grids[cursor : cursor + k]
                 cursor += k
-        return {
-            # With no input images the two dropped rows are the same prompt: the decoder runs them once.
-            "uncond_equals_part": torch.equal(source[n : 2 * n], source[2 * n :]),
-            "spans": spans,
-            "image_fhw": image_fhw,
-            "references": references,
-            "reference_grids": reference_grids,
-            "target_grid": batch.image_grid_thw_gen[batch.generation_flags == 1],
-        }
+        return Conditioning(
+            spans=spans,
+            image_fhw=image_fhw,
+            references=references,
+            reference_grids=reference_grids,
+            target_grid=batch.image_grid_thw_gen[batch.generation_flags == 1],
+            uncond_equals_part=torch.equal(source[n : 2 * n], source[2 * n :]),
+        )
 
-    def _sample(self, batch: ProcessorOutput, cond: dict, settings: dict, callback) -> torch.Tensor:
+    def _sample(
+        self, batch: ProcessorOutput, cond: Conditioning, settings: DiffusionSettings, callback, trace: RunTrace
+    ) -> torch.Tensor:
         """The denoising loop; returns float32 latents ``[n·m, C, H/8, W/8]``."""
         from diffusers.utils.torch_utils import randn_tensor
 
         decoder = self.generation_decoder
         device = self._activate(decoder)
         dtype = next(decoder.parameters()).dtype
-        n, copies = batch.num_prompts, settings["num_images_per_prompt"]
+        n, copies = batch.num_prompts, settings.images_per_prompt
         h_gen, w_gen = batch.gen_size
-        # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m].
-        groups = 2 if cond["uncond_equals_part"] else 3
+        # Each guidance row repeated `copies` times consecutively: [full×n·m, part×n·m, uncond×n·m];
+        # when the dropped rows are identical, the uncond group is not computed at all.
+        groups = 2 if cond.uncond_equals_part else 3
+        draws = n * copies
         order = [r for r in range(groups * n) for _ in range(copies)]
-        spans = [cond["spans"][r] for r in order]
+        spans = [cond.spans[r] for r in order]
         hidden, text_mask, image_mask = decoder.prepare_forward_input(
             [s[0].to(device, dtype) for s in spans], [s[1].to(device) for s in spans]
         )
-        references = [cond["references"][r] for r in order]
+        computed = list(range(groups * draws))  # the uncond group, when skipped, is the part group's rows
+        trace.decoder_context(hidden, text_mask, image_mask, computed if groups == 3 else computed + computed[draws:])
+        references = [cond.references[r] for r in order]
         has_refs = any(r is not None for r in references)
-        channels = decoder.config.latent_channels
+        channels = decoder.decoder.latent_channels
         context = decoder.decoder.prepare_context(
             encoder_hidden_states=hidden,
             encoder_attention_mask=text_mask,
             encoder_image_token_mask=image_mask,
-            image_grid_thw_gen=cond["target_grid"][order].to(device),
-            image_fhw_cond=[cond["image_fhw"][r].to(device) for r in order],
+            image_grid_thw_gen=cond.target_grid[order].to(device),
+            image_fhw_cond=[cond.image_fhw[r].to(device) for r in order],
             conditional_input=[
                 (r if r is not None else torch.zeros(0, channels, 1, 1)).to(device, dtype) for r in references
             ] if has_refs else None,
             image_grid_thw_gen_cond=[
                 (g if g is not None else torch.zeros(0, 3, dtype=torch.long)).to(device)
-                for g in (cond["reference_grids"][r] for r in order)
+                for g in (cond.reference_grids[r] for r in order)
             ] if has_refs else None,
         )
         scale = self.codec.scale_factor
-        shape = (n * copies, channels, h_gen // scale, w_gen // scale)
-        latents = randn_tensor(shape, generator=settings["generator"], device=device, dtype=torch.float32)
-        self._record("diffusion.initial_latents", latents)
-        if self.recorder is not None:
-            for k, (states, image_mask_k) in enumerate(cond["spans"]):
-                self._record(f"cond.encoder_hidden_states.{k}", states)
-                self._record(f"cond.encoder_image_token_mask.{k}", image_mask_k)
-            for name, value in (("encoder_hidden_states", hidden), ("encoder_attention_mask", text_mask),
-                                ("encoder_image_token_mask", image_mask)):
-                if groups == 2:  # show the deduplicated row as the reference's third group
-                    value = torch.cat([value, value[n * copies :]])
-                self._record(f"decoder_step0.{name}", value)
-        scheduler = make_scheduler(self.scheduler, settings["flow_shift"])
-        scheduler.set_timesteps(settings["num_inference_steps"], device=device)
-        timestep_scale = decoder.config.timestep_scale
+        shape = (draws, channels, h_gen // scale, w_gen // scale)
+        latents = randn_tensor(shape, generator=settings.generator, device=device, dtype=torch.float32)
+        trace.record("diffusion.initial_latents", latents)
+        scheduler = make_scheduler(self.scheduler, settings.flow_shift)
+        scheduler.set_timesteps(settings.steps, device=device)
+        timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * groups).to(dtype)
             timestep = t.expand(model_input.shape[0]).to(torch.float32) * timestep_scale
             prediction = decoder.decoder.forward_with_context(model_input, timestep, context).to(torch.float32)
-            if groups == 2:  # the dropped rows were identical: reuse the part prediction for uncond
-                prediction = torch.cat([prediction, prediction[latents.shape[0] :]])
-            v_full, v_part, v_uncond = prediction.chunk(3)
-            guided = combine_guidance(
-                v_full, v_part, v_uncond, int(t), settings["all_cfg_scale"], settings["part_cfg_scale"],
-                settings["timestep_trunc"],
-            )
-            if self.recorder is not None:
-                if index == 0:
-                    self._record("decoder_step0.hidden_states", torch.cat([latents] * 3))
-                    self._record("decoder_step0.timestep", timestep[:1].expand(3 * latents.shape[0]))
-                    self._record("decoder_step0.output", prediction)
-                for name, value in (("timestep", t), ("raw_noise_pred", prediction), ("guided_noise_pred", guided),
-                                    ("latents_before_step", latents)):
-                    self._record(f"diffusion.{name}.{index}", value)
-            latents = scheduler.step(guided, t, latents, return_dict=False)[0]
-            self._record(f"diffusion.latents_after_step.{index}", latents)
+            v_full, v_part = prediction[:draws], prediction[draws : 2 * draws]
+            v_uncond = prediction[2 * draws :] if groups == 3 else v_part  # identical rows: the same prediction
+            guided = combine_guidance(v_full, v_part, v_uncond, int(t), settings.all_cfg_scale, settings.part_cfg_scale,
+                                      settings.timestep_trunc)
+            stepped = scheduler.step(guided, t, latents, return_dict=False)[0]
+            trace.step(index, t, model_input, timestep, prediction, guided, latents, stepped)
+            latents = stepped
             check.run_callback(callback, index + 1, total, latents)
-        self._record("diffusion.final_latents", latents)
+        trace.record("diffusion.final_latents", latents)
         return latents
 
-    def _to_pictures(self, latents, requested) -> list[Image.Image]:
+    def _to_pictures(self, latents, requested, trace: RunTrace) -> list[Image.Image]:
         self._activate(self.vae)
         pictures = []
         for sample in latents.split(1):
             pixels = self.codec.decode(sample)
-            self._record("diffusion.decoded_pixels", pixels)
+            trace.record("diffusion.decoded_pixels", pixels)
             pictures += pixels_to_pil(pixels)
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
@@ -772,19 +916,19 @@ def _seeded_or_random(seed: int | None) -> torch.Generator:
     return generator
 
 
-def _merge_conditions(conditions: list[dict]) -> dict:
+def _merge_conditions(conditions: list[Conditioning]) -> Conditioning:
     """Conditionings of single prompts → one batch conditioning, rows ordered ``[full × n, part × n, uncond × n]``."""
-    def rows(key):
-        return [cond[key][group] for group in range(3) for cond in conditions]
+    def rows(name):
+        return [getattr(cond, name)[group] for group in range(3) for cond in conditions]
 
-    return {
-        "uncond_equals_part": all(cond["uncond_equals_part"] for cond in conditions),
-        "spans": rows("spans"),
-        "image_fhw": rows("image_fhw"),
-        "references": rows("references"),
-        "reference_grids": rows("reference_grids"),
-        "target_grid": torch.stack(rows("target_grid")),
-    }
+    return Conditioning(
+        spans=rows("spans"),
+        image_fhw=rows("image_fhw"),
+        references=rows("references"),
+        reference_grids=rows("reference_grids"),
+        target_grid=torch.stack(rows("target_grid")),
+        uncond_equals_part=all(cond.uncond_equals_part for cond in conditions),
+    )
 
 
 def _unique_text_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_context_id: int, enabled=True):
@@ -841,17 +985,17 @@ def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+    """The Qwen-Image VAE, built on the meta device and loaded like the other components."""
     from diffusers import AutoencoderKLQwenImage
 
-    from .loading import safetensors_files
-
-    safetensors_files(folder)  # refuses pickle-only folders with a clear message
+    config = read_json(folder / "config.json")
     try:
-        vae = AutoencoderKLQwenImage.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load the VAE from {folder}: {exc}") from exc
-    use_single_frame_convolutions(vae)
-    return vae.to(device).eval()
+        vae = _build_on_meta(lambda: AutoencoderKLQwenImage.from_config(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
+    load_weights_into(vae, folder, dtype=dtype, device=device)
+    use_reference_norms(vae)
+    return vae.eval()
 
 
 def load_scheduler(folder: Path):

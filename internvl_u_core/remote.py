@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
+from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, Limits
 from .pipeline import Reasoning
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
@@ -62,7 +63,7 @@ class RemoteInternVLU:
         base = base_url.rstrip("/")
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.model = model
-        self.limits = check.Limits()  # for checks made here; the server applies its own
+        self.limits = Limits()  # for checks made here; the server applies its own
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._httpx = httpx
         self._client = httpx.Client(base_url=self.base_url, headers=headers,
@@ -88,7 +89,7 @@ class RemoteInternVLU:
         images,
         question: str,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -111,7 +112,7 @@ class RemoteInternVLU:
         prompt: str,
         images=None,
         *,
-        max_new_tokens: int = 200,
+        max_new_tokens: int = DEFAULT_REASONING_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -135,7 +136,7 @@ class RemoteInternVLU:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
         timestep_trunc: float | None = None,
@@ -160,7 +161,7 @@ class RemoteInternVLU:
         *,
         width: int | None = None,
         height: int | None = None,
-        steps: int = 20,
+        steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
         timestep_trunc: float | None = None,
@@ -203,7 +204,7 @@ class RemoteInternVLU:
             "messages": messages, "modalities": ["text"], "think": think,
             "max_tokens": sampling["max_new_tokens"], "min_tokens": sampling.get("min_new_tokens", 0),
             "do_sample": sampling.get("do_sample", False), "num_beams": sampling.get("num_beams", 1),
-            "seed": check.optional_seed(seed),
+            "seed": check.optional_seed(seed, self.limits),
         }
         if body["do_sample"]:
             body.update(temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0))
@@ -224,18 +225,18 @@ class RemoteInternVLU:
             )
         for name, side in (("width", width), ("height", height)):
             if side is not None:
-                check.integer(side, name, 1, self.limits.max_side)
+                check.integer(side, name, self.limits.min_side, self.limits.max_side)
         steps = check.steps(steps, self.limits)
         # Both sides as OpenAI's size; one side alone in the width/height extension fields (the pipeline
         # then uses it for both, as in-process).
         size = f"{width}x{height}" if width is not None and height is not None else None
         fields = {
-            "prompt": prompt, "n": check.count(num_images, "num_images_per_prompt"), "size": size,
+            "prompt": prompt, "n": check.num_images(num_images, self.limits), "size": size,
             "width": width if size is None else None, "height": height if size is None else None,
-            "num_inference_steps": steps, "seed": check.optional_seed(seed),
-            "all_cfg_scale": _optional_number(all_cfg_scale, "all_cfg_scale"),
-            "part_cfg_scale": _optional_number(part_cfg_scale, "part_cfg_scale"),
-            "timestep_trunc": _optional_number(timestep_trunc, "timestep_trunc"),
+            "num_inference_steps": steps, "seed": check.optional_seed(seed, self.limits),
+            "all_cfg_scale": _optional_scale(all_cfg_scale, "all_cfg_scale", self.limits),
+            "part_cfg_scale": _optional_scale(part_cfg_scale, "part_cfg_scale", self.limits),
+            "timestep_trunc": None if timestep_trunc is None else check.finite(timestep_trunc, "timestep_trunc"),
             "flow_shift": None if flow_shift is None else check.positive(flow_shift, "flow_shift"),
             "system_prompt": check.system_prompt(system_prompt, self.limits),
             "reasoning": None if reasoning is None else reasoning.to_dict(),
@@ -357,8 +358,8 @@ def _raise_error(error: dict, status: int | None, retry_after: float | None):
     raise RemoteError(message, status_code=status, code=code, retry_after=retry_after)
 
 
-def _optional_number(value, name: str) -> float | None:
-    return None if value is None else check.finite(value, name)
+def _optional_scale(value, name: str, limits) -> float | None:
+    return None if value is None else check.guidance_scale(value, name, limits)
 
 
 def _form_value(value) -> str:

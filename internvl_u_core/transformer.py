@@ -7,9 +7,13 @@ the two streams only meet inside the joint attention. Here the two streams are k
 flat, unpadded token tensors, so each token is computed with its own weight set only, and are
 packed per row just for the attention call.
 
-The step-invariant work (text projection, reference-latent projection, RoPE tables, packing
-indices) lives in :class:`DecoderContext`, built once per sampling run by
-``prepare_context``; each denoising step then calls ``forward_with_context``.
+The step-invariant work (packing indices, RoPE tables, and on the first step the text and
+reference-latent projections) lives in :class:`DecoderContext`, built once per sampling run by
+``prepare_context``; each denoising step then calls the model with ``context=``.
+
+The DiT is a diffusers ``ModelMixin``: attention goes through diffusers' dispatcher (so
+``set_attention_backend`` applies), and ``enable_layerwise_casting``, ``enable_group_offload``,
+``enable_cache`` and ``compile_repeated_blocks`` work on it.
 
 Precision follows the reference for half-precision models: the timestep is rounded to the model
 dtype before the sinusoid, LayerNorms and RoPE run in float32 and are cast back, the output
@@ -18,18 +22,23 @@ head's modulation runs in float32, everything else in the model dtype.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention import FeedForward
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import RMSNorm
 from torch import nn
 
@@ -40,7 +49,6 @@ __all__ = [
     "InternVLUGenerationDecoder",
     "InternVLUGenerationDecoderConfig",
     "InternVLUTransformer2DModel",
-    "InternVLUTransformerConfig",
 ]
 
 _NORM_EPS = 1e-6
@@ -50,69 +58,19 @@ _FP16_MAX = 65504.0
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration
+# Configuration of the wrapper (the DiT's own configuration is its diffusers config)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
-class InternVLUTransformerConfig:
-    """Init arguments of the MMDiT (``decoder_config`` in ``generation_decoder/config.json``)."""
-
-    patch_size: int = 2
-    in_channels: int = 64
-    out_channels: int = 16
-    num_layers: int = 60
-    attention_head_dim: int = 128
-    num_attention_heads: int = 24
-    joint_attention_dim: int = 3584
-    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
-    video_position_scale_factor: float = 1.0
-    vlm_cond_position_scale_factor: float = 1.0
-    # Not an init argument of the reference: a hidden config attribute the *pipeline* multiplies
-    # the integer timesteps by. The transformer itself never applies it.
-    timestep_scale: float = 1.0
-
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def latent_channels(self) -> int:
-        return self.in_channels // (self.patch_size**2)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "decoder_config") -> InternVLUTransformerConfig:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in known and v is not None}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(int(d) for d in kwargs["axes_dims_rope"])
-        for name in ("video_position_scale_factor", "vlm_cond_position_scale_factor", "timestep_scale"):
-            if name in kwargs:
-                kwargs[name] = float(kwargs[name])
-        config = cls(**kwargs)
-        config.validate(source)
-        return config
-
-    def validate(self, source: str = "decoder_config") -> None:
-        if len(self.axes_dims_rope) != 3 or any(d % 2 for d in self.axes_dims_rope):
-            raise ModelLoadError(f"{source}: axes_dims_rope must be three even numbers, got {self.axes_dims_rope}")
-        if sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ModelLoadError(
-                f"{source}: axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
-                f"({self.attention_head_dim})"
-            )
-        if self.in_channels % (self.patch_size**2):
-            raise ModelLoadError(
-                f"{source}: in_channels ({self.in_channels}) must be a multiple of patch_size² "
-                f"({self.patch_size**2})"
-            )
-
-
-@dataclass
 class InternVLUGenerationDecoderConfig:
-    """``generation_decoder/config.json``; only the fields that inference reads are typed."""
+    """``generation_decoder/config.json``; only the fields that inference reads are typed.
 
-    decoder: InternVLUTransformerConfig
+    ``decoder_config`` holds every init argument of the DiT (defaults filled in, training-only
+    keys dropped), with the wrapper's position scales written over the decoder's own.
+    """
+
+    decoder_config: dict[str, Any]
     vlm_select_layer: list[int] = field(default_factory=lambda: [-1])
     input_hidden_size: int = 1536
     output_hidden_size: int = 2304
@@ -126,51 +84,6 @@ class InternVLUGenerationDecoderConfig:
     vlm_cond_position_scale_factor: float = 1.0
     flow_shift: float = 3.0  # stored but unused by sampling (the effective shift is always 3.0)
     raw: dict = field(default_factory=dict, repr=False)
-
-    # Decoder dimensions, exposed flat for convenience.
-    @property
-    def timestep_scale(self) -> float:
-        return self.decoder.timestep_scale
-
-    @property
-    def patch_size(self) -> int:
-        return self.decoder.patch_size
-
-    @property
-    def in_channels(self) -> int:
-        return self.decoder.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.decoder.out_channels
-
-    @property
-    def latent_channels(self) -> int:
-        return self.decoder.latent_channels
-
-    @property
-    def num_layers(self) -> int:
-        return self.decoder.num_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.decoder.num_attention_heads
-
-    @property
-    def attention_head_dim(self) -> int:
-        return self.decoder.attention_head_dim
-
-    @property
-    def joint_attention_dim(self) -> int:
-        return self.decoder.joint_attention_dim
-
-    @property
-    def axes_dims_rope(self) -> tuple[int, int, int]:
-        return self.decoder.axes_dims_rope
-
-    @property
-    def inner_dim(self) -> int:
-        return self.decoder.inner_dim
 
     @property
     def projector_output_size(self) -> int:
@@ -197,13 +110,13 @@ class InternVLUGenerationDecoderConfig:
                 raise ModelLoadError(f"{source}: cannot read decoder_config file {path}: {exc}") from exc
         if not isinstance(decoder_data, dict):
             raise ModelLoadError(f"{source}: 'decoder_config' must be an object or a path to a JSON file")
-        decoder_data = dict(decoder_data)
+        decoder_config = _dit_arguments(decoder_data)
         # The wrapper overwrites the decoder's position scales with its own values.
         video_scale = float(data.get("video_position_scale_factor", 1.0))
         vlm_scale = float(data.get("vlm_cond_position_scale_factor", 1.0))
-        decoder_data["video_position_scale_factor"] = video_scale
-        decoder_data["vlm_cond_position_scale_factor"] = vlm_scale
-        decoder = InternVLUTransformerConfig.from_dict(decoder_data, f"{source} (decoder_config)")
+        decoder_config["video_position_scale_factor"] = video_scale
+        decoder_config["vlm_cond_position_scale_factor"] = vlm_scale
+        _check_decoder_config(decoder_config, f"{source} (decoder_config)")
 
         select = data.get("vlm_select_layer", [-1])
         if isinstance(select, int):
@@ -214,7 +127,7 @@ class InternVLUGenerationDecoderConfig:
                 f"{source}: decoder_projector_type {projector!r} is not supported (use 'mlp2x_gelu' or 'identity')"
             )
         config = cls(
-            decoder=decoder,
+            decoder_config=decoder_config,
             vlm_select_layer=[int(i) for i in select],
             input_hidden_size=int(data.get("input_hidden_size", 1536)),
             output_hidden_size=int(data.get("output_hidden_size") or 2304),
@@ -229,12 +142,34 @@ class InternVLUGenerationDecoderConfig:
             flow_shift=float(data.get("flow_shift", 3.0)),
             raw=dict(data),
         )
-        if config.projector_output_size != decoder.joint_attention_dim:
+        if config.projector_output_size != decoder_config["joint_attention_dim"]:
             raise ModelLoadError(
                 f"{source}: the projector outputs {config.projector_output_size} channels but "
-                f"decoder_config.joint_attention_dim is {decoder.joint_attention_dim}"
+                f"decoder_config.joint_attention_dim is {decoder_config['joint_attention_dim']}"
             )
         return config
+
+
+def _dit_arguments(data: dict) -> dict:
+    """The DiT's init arguments: its defaults, overridden by the known keys of ``data`` (others dropped)."""
+    params = inspect.signature(InternVLUTransformer2DModel.__init__).parameters
+    arguments = {name: p.default for name, p in params.items() if name != "self"}
+    arguments.update((k, v) for k, v in data.items() if k in arguments and v is not None)
+    return arguments
+
+
+def _check_decoder_config(config: dict, source: str = "decoder_config") -> None:
+    """Shape rules the DiT's init arguments must follow; a ``ModelLoadError`` names the broken one."""
+    axes, head_dim = tuple(config["axes_dims_rope"]), config["attention_head_dim"]
+    if len(axes) != 3 or any(d % 2 for d in axes):
+        raise ModelLoadError(f"{source}: axes_dims_rope must be three even numbers, got {axes}")
+    if sum(axes) != head_dim:
+        raise ModelLoadError(f"{source}: axes_dims_rope {axes} must sum to attention_head_dim ({head_dim})")
+    patch_area = config["patch_size"] ** 2
+    if config["in_channels"] % patch_area:
+        raise ModelLoadError(
+            f"{source}: in_channels ({config['in_channels']}) must be a multiple of patch_size² ({patch_area})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,12 +314,16 @@ class InternVLURotaryEmbedding(nn.Module):
 
 @dataclass
 class DecoderContext:
-    """Everything about a batch that does not change between denoising steps.
+    """Everything about a batch that does not change between the denoising steps of one run.
 
     Token streams are flat and unpadded. The image stream is ordered
     ``[targets of rows 0..B-1, references of rows 0..B-1]``, the text stream ``[text of rows
     0..B-1]``. ``*_pack_index`` give each token's position in the row-contiguous packed
     sequence ``[row 0: target, refs, text | row 1: …]`` used by the attention.
+
+    ``text_tokens`` and ``reference_tokens`` (the projected text and reference latents) are
+    filled in by the model's first step with this context, inside its ``forward``, so that
+    hooks on the model (group offloading, layerwise casting) see those projections too.
     """
 
     batch_size: int
@@ -392,8 +331,8 @@ class DecoderContext:
     num_target_tokens: list[int]
     num_reference_tokens: list[int]
     num_text_tokens: list[int]
-    reference_tokens: torch.Tensor | None  # [N_ref, D] = img_in(patchify(reference latents))
-    text_tokens: torch.Tensor  # [N_txt, D] = txt_in(txt_norm(valid text tokens))
+    text_states: torch.Tensor  # [N_txt, J] valid conditioning tokens, model dtype
+    reference_patches: torch.Tensor | None  # [N_ref, C·p²] patchified reference latents, model dtype
     image_rope: torch.Tensor  # [N_img, hd/2] complex64 (or [N_img, hd/2, 2] cos/sin)
     text_rope: torch.Tensor  # [N_txt, hd/2] complex64 (or [N_txt, hd/2, 2])
     image_row_ids: torch.Tensor  # [N_img] long, row of each image-stream token
@@ -402,6 +341,9 @@ class DecoderContext:
     text_pack_index: torch.Tensor  # [N_txt] long
     row_spans: list[tuple[int, int]]  # [start, end) of each row in the packed sequence
     positions: list[torch.Tensor] = field(default_factory=list, repr=False)  # per row [L_b, 3], for inspection
+    text_tokens: torch.Tensor | None = field(default=None, repr=False)  # [N_txt, D] txt_in(txt_norm(text_states))
+    reference_tokens: torch.Tensor | None = field(default=None, repr=False)  # [N_ref, D] img_in(reference_patches)
+    steps_run: int = 0  # forward calls made with this context (a cache hook resets on the first)
 
     @property
     def total_target_tokens(self) -> int:
@@ -467,12 +409,60 @@ class InternVLUTimestepProjEmbeddings(nn.Module):
         return self.timestep_embedder(self.sinusoid(timestep, dtype))  # [B, D]
 
 
-class InternVLUAttention(nn.Module):
+class InternVLUAttnProcessor:
+    """Joint attention of the two streams through diffusers' ``dispatch_attention_fn``.
+
+    The streams are scattered into the row-contiguous packed sequence; rows of equal length go
+    through one batched call ``[B, L, H, hd]``, otherwise each row gets its own call (rows never
+    attend to each other, so no padding and no mask). ``set_attention_backend`` sets
+    ``_attention_backend`` (None = diffusers' active backend, by default torch SDPA).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: InternVLUAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        context: DecoderContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_i, k_i, v_i, g_i = attn.project(hidden_states, context.image_rope, text=False)
+        q_t, k_t, v_t, g_t = attn.project(encoder_hidden_states, context.text_rope, text=True)
+
+        def pack(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            packed = image.new_empty(context.total_tokens, attn.heads, attn.head_dim)
+            packed.index_copy_(0, context.image_pack_index, image)
+            packed.index_copy_(0, context.text_pack_index, text)
+            return packed  # [N_tot, H, hd]
+
+        q, k, v = pack(q_i, q_t), pack(k_i, k_t), pack(v_i, v_t)
+        if context.equal_row_lengths:
+            shape = (context.batch_size, -1, attn.heads, attn.head_dim)
+            out = dispatch_attention_fn(q.view(shape), k.view(shape), v.view(shape), backend=self._attention_backend)
+        else:
+            out = torch.cat([
+                dispatch_attention_fn(q[None, s:e], k[None, s:e], v[None, s:e], backend=self._attention_backend)[0]
+                for s, e in context.row_spans
+            ])
+        out = out.reshape(context.total_tokens, -1)  # [N_tot, H·hd]
+
+        out_img = attn.to_out[1](attn.to_out[0](out.index_select(0, context.image_pack_index)))
+        out_txt = attn.to_add_out(out.index_select(0, context.text_pack_index))
+        return out_img * torch.sigmoid(g_i), out_txt * torch.sigmoid(g_t)
+
+
+class InternVLUAttention(nn.Module, AttentionModuleMixin):
     """Joint gated attention; image tokens use ``to_*``, text tokens ``add_*`` weights.
 
     ``to_q``/``add_q_proj`` are 2·D wide: per head ``[query (hd) | gate logits (hd)]``. The gate
     multiplies the output *after* ``to_out``/``to_add_out``, through a sigmoid.
     """
+
+    _default_processor_cls = InternVLUAttnProcessor
+    _available_processors = [InternVLUAttnProcessor]
+    _supports_qkv_fusion = False  # the gated query projection does not fuse with k and v
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -491,12 +481,19 @@ class InternVLUAttention(nn.Module):
         self.norm_added_k = RMSNorm(head_dim, eps=_NORM_EPS)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.to_add_out = nn.Linear(inner, dim)
+        self.set_processor(InternVLUAttnProcessor())
 
-    def _project(self, h, q_proj, k_proj, v_proj, norm_q, norm_k, rope):
+    def project(
+        self, h: torch.Tensor, rope: torch.Tensor, text: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, D] → q, k, v [N, H, hd] (q/k normed and rotated) and gate logits [N, D]."""
+        if text:
+            q_proj, k_proj, v_proj = self.add_q_proj, self.add_k_proj, self.add_v_proj
+            norm_q, norm_k = self.norm_added_q, self.norm_added_k
+        else:
+            q_proj, k_proj, v_proj, norm_q, norm_k = self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k
         n = h.shape[0]
-        query_gate = q_proj(h).view(n, self.heads, 2 * self.head_dim)
-        query, gate = query_gate.split(self.head_dim, dim=-1)
+        query, gate = q_proj(h).view(n, self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
         key = k_proj(h).view(n, self.heads, self.head_dim)
         value = v_proj(h).view(n, self.heads, self.head_dim)
         query = _apply_rope(norm_q(query), rope)
@@ -504,42 +501,10 @@ class InternVLUAttention(nn.Module):
         return query, key, value, gate.reshape(n, self.heads * self.head_dim)
 
     def forward(
-        self, img: torch.Tensor, txt: torch.Tensor, ctx: DecoderContext
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, context: DecoderContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [N_img, D], txt [N_txt, D] (modulated) → attention outputs of the same shapes."""
-        q_i, k_i, v_i, g_i = self._project(
-            img, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, ctx.image_rope
-        )
-        q_t, k_t, v_t, g_t = self._project(
-            txt, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k, ctx.text_rope
-        )
-
-        # Scatter both streams into the row-contiguous packed sequence [N_tot, H, hd].
-        def pack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            packed = a.new_empty(ctx.total_tokens, self.heads, self.head_dim)
-            packed.index_copy_(0, ctx.image_pack_index, a)
-            packed.index_copy_(0, ctx.text_pack_index, b)
-            return packed
-
-        q, k, v = pack(q_i, q_t), pack(k_i, k_t), pack(v_i, v_t)
-        if ctx.equal_row_lengths:
-            # One batched call: [B, H, L, hd].
-            shape = (ctx.batch_size, -1, self.heads, self.head_dim)
-            out = F.scaled_dot_product_attention(
-                q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-            )
-            out = out.transpose(1, 2).reshape(ctx.total_tokens, -1)
-        else:
-            # Rows never attend to each other: one call per row, no padding, no mask.
-            parts = []
-            for start, end in ctx.row_spans:
-                qr, kr, vr = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, L, hd]
-                parts.append(F.scaled_dot_product_attention(qr, kr, vr)[0].transpose(0, 1))
-            out = torch.cat(parts).reshape(ctx.total_tokens, -1)  # [N_tot, D]
-
-        out_img = self.to_out[1](self.to_out[0](out.index_select(0, ctx.image_pack_index)))
-        out_txt = self.to_add_out(out.index_select(0, ctx.text_pack_index))
-        return out_img * torch.sigmoid(g_i), out_txt * torch.sigmoid(g_t)
+        """Image [N_img, D] and text [N_txt, D] streams (modulated) → attention outputs, same shapes."""
+        return self.processor(self, hidden_states, encoder_hidden_states, context)
 
 
 class InternVLUTransformerBlock(nn.Module):
@@ -555,21 +520,25 @@ class InternVLUTransformerBlock(nn.Module):
 
     def forward(
         self,
-        img: torch.Tensor,
-        txt: torch.Tensor,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
         temb: torch.Tensor,
-        ctx: DecoderContext,
-        img_rows: torch.Tensor | None,
-        txt_rows: torch.Tensor | None,
+        context: DecoderContext,
+        image_rows: torch.Tensor | None = None,
+        text_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """img [N_img, D], txt [N_txt, D], temb [B, D] (or [1, D] shared); ``*_rows`` None = all rows share temb."""
+        """Image stream [N_img, D], text stream [N_txt, D], temb [B, D] (or two equal rows, shared) → both updated.
+
+        ``*_rows`` give each token's row when rows have different timesteps; None = one shared temb.
+        """
+        img, txt = hidden_states, encoder_hidden_states
         # [shift1, scale1, gate1, shift2, scale2, gate2], each [1 or N, D]
-        mod_i = _per_token(self.img_mod(temb), img_rows).chunk(6, dim=-1)
-        mod_t = _per_token(self.txt_mod(temb), txt_rows).chunk(6, dim=-1)
+        mod_i = _per_token(self.img_mod(temb), image_rows).chunk(6, dim=-1)
+        mod_t = _per_token(self.txt_mod(temb), text_rows).chunk(6, dim=-1)
 
         h_img = _layer_norm_fp32(img) * (1 + mod_i[1]) + mod_i[0]
         h_txt = _layer_norm_fp32(txt) * (1 + mod_t[1]) + mod_t[0]
-        attn_img, attn_txt = self.attn(h_img, h_txt, ctx)
+        attn_img, attn_txt = self.attn(h_img, h_txt, context)
         img = img + mod_i[2] * attn_img
         txt = txt + mod_t[2] * attn_txt
 
@@ -597,8 +566,18 @@ class InternVLUNormOut(nn.Module):
         return y.to(x.dtype)
 
 
-class InternVLUTransformer2DModel(nn.Module):
-    """The MMDiT (``generation_decoder.decoder``).
+def _register_block_for_cache_hooks() -> None:
+    """Tell diffusers' cache hooks where a block's two streams are (its argument and output order)."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry.register(
+        model_class=InternVLUTransformerBlock,
+        metadata=TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=1),
+    )
+
+
+class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
+    """The MMDiT (``generation_decoder.decoder``), a diffusers model.
 
     Inputs of :meth:`forward` (names as the reference): ``hidden_states`` [B, C, H, W] latents;
     ``encoder_hidden_states`` [B, L, J] projected VLM features with bool ``encoder_attention_mask``
@@ -606,9 +585,18 @@ class InternVLUTransformer2DModel(nn.Module):
     ``image_grid_thw_gen`` [B, 3] target grids in latent pixels; ``image_fhw_cond`` list of
     [k_b, 3] ViT grids; optional ``conditional_input`` list of [k_b, C, h, w] VAE reference
     latents with ``image_grid_thw_gen_cond`` list of [k_b, 3] grids. Output [B, out_channels, H, W],
-    zero outside each row's grid.
+    zero outside each row's grid. A sampling loop passes ``context=prepare_context(...)`` instead
+    of the conditioning arguments, so the step-invariant work is done once.
+
+    ``timestep_scale`` is not used by the model: it is a config value the *pipeline* multiplies
+    the integer timesteps by (a hidden attribute of the reference's config).
     """
 
+    _no_split_modules = ["InternVLUTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _repeated_blocks = ["InternVLUTransformerBlock"]
+
+    @register_to_config
     def __init__(
         self,
         patch_size: int = 2,
@@ -624,22 +612,11 @@ class InternVLUTransformer2DModel(nn.Module):
         timestep_scale: float = 1.0,
     ):
         super().__init__()
-        self.config = InternVLUTransformerConfig(
-            patch_size=patch_size,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            num_layers=num_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            joint_attention_dim=joint_attention_dim,
-            axes_dims_rope=tuple(axes_dims_rope),
-            video_position_scale_factor=float(video_position_scale_factor),
-            vlm_cond_position_scale_factor=float(vlm_cond_position_scale_factor),
-            timestep_scale=float(timestep_scale),
+        _check_decoder_config(
+            {"axes_dims_rope": axes_dims_rope, "attention_head_dim": attention_head_dim,
+             "patch_size": patch_size, "in_channels": in_channels}
         )
-        self.config.validate()
-        dim = self.config.inner_dim
-
+        dim = num_attention_heads * attention_head_dim
         self.pos_embed = InternVLURotaryEmbedding(axes_dims_rope)
         self.time_text_embed = InternVLUTimestepProjEmbeddings(dim)
         self.txt_norm = RMSNorm(joint_attention_dim, eps=_NORM_EPS)
@@ -651,20 +628,17 @@ class InternVLUTransformer2DModel(nn.Module):
         self.norm_out = InternVLUNormOut(dim)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    @classmethod
-    def from_config_dict(cls, decoder_config: dict | InternVLUTransformerConfig) -> InternVLUTransformer2DModel:
-        """Build from a ``decoder_config`` dict (unknown keys ignored) without touching real data."""
-        if isinstance(decoder_config, dict):
-            decoder_config = InternVLUTransformerConfig.from_dict(decoder_config)
-        return cls(**{f.name: getattr(decoder_config, f.name) for f in fields(InternVLUTransformerConfig)})
-
     @property
-    def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+    def latent_channels(self) -> int:
+        return self.config.in_channels // (self.config.patch_size**2)
 
-    @property
-    def device(self) -> torch.device:
-        return self.img_in.weight.device
+    def enable_cache(self, config) -> None:
+        """diffusers' cache hooks (e.g. ``FirstBlockCacheConfig``): lossy, opt-in speed-ups.
+
+        The model resets the cache state when a new context starts a sampling run.
+        """
+        _register_block_for_cache_hooks()
+        super().enable_cache(config)
 
     # ---------------------------------------------------------------- step-invariant part
 
@@ -678,7 +652,7 @@ class InternVLUTransformer2DModel(nn.Module):
         conditional_input: Sequence[torch.Tensor] | None = None,
         image_grid_thw_gen_cond: Sequence[torch.Tensor] | None = None,
     ) -> DecoderContext:
-        """Text projection, reference-latent projection, packing indices and RoPE tables."""
+        """Packing indices, RoPE tables, and the valid text tokens and reference patches of a batch."""
         cfg = self.config
         p = cfg.patch_size
         dtype, device = self.dtype, self.device
@@ -699,7 +673,7 @@ class InternVLUTransformer2DModel(nn.Module):
             for b in range(batch)
         ]
 
-        # Reference latents: crop each to its grid, patchify, one img_in call for all of them.
+        # Reference latents: crop each to its grid and patchify.
         ref_tokens, ref_grids = [], []
         for b in range(batch):
             row_tokens, row_grids = [], []
@@ -718,12 +692,10 @@ class InternVLUTransformer2DModel(nn.Module):
             ref_grids.append(row_grids)
         num_ref = [sum(t.shape[0] for t in row) for row in ref_tokens]
         flat_refs = [t for row in ref_tokens for t in row]
-        reference_tokens = self.img_in(torch.cat(flat_refs)) if flat_refs else None  # [N_ref, D]
 
-        # Text stream: the first mask.sum() tokens of each row, normed and projected once.
+        # Text stream: the first mask.sum() tokens of each row.
         enc = encoder_hidden_states.to(device=device, dtype=dtype)
         text = torch.cat([enc[b, : num_text[b]] for b in range(batch)])  # [N_txt, J]
-        text_tokens = self.txt_in(self.txt_norm(text))  # [N_txt, D]
 
         # Positions: [target | refs] block first, then the text stream continues the counter.
         s_v, s_vlm = cfg.video_position_scale_factor, cfg.vlm_cond_position_scale_factor
@@ -769,8 +741,8 @@ class InternVLUTransformer2DModel(nn.Module):
             num_target_tokens=num_target,
             num_reference_tokens=num_ref,
             num_text_tokens=num_text,
-            reference_tokens=reference_tokens,
-            text_tokens=text_tokens,
+            text_states=text,
+            reference_patches=torch.cat(flat_refs) if flat_refs else None,
             image_rope=image_rope,
             text_rope=text_rope,
             image_row_ids=image_row_ids.to(device),
@@ -783,12 +755,52 @@ class InternVLUTransformer2DModel(nn.Module):
 
     # ---------------------------------------------------------------- per-step part
 
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        encoder_image_token_mask: torch.Tensor | None = None,
+        timestep: torch.Tensor | float | None = None,
+        image_grid_thw_gen: torch.Tensor | None = None,
+        image_fhw_cond: Sequence[torch.Tensor] | None = None,
+        conditional_input: Sequence[torch.Tensor] | None = None,
+        image_grid_thw_gen_cond: Sequence[torch.Tensor] | None = None,
+        context: DecoderContext | None = None,
+    ) -> torch.Tensor:
+        """One denoising step: latents [B, C, H, W] + timestep [B] → prediction [B, out, H, W].
+
+        Give either the conditioning arguments or a ``context`` from :meth:`prepare_context`.
+        """
+        if timestep is None:
+            raise InvalidInputError("timestep is required")
+        if context is None:
+            if encoder_hidden_states is None or image_grid_thw_gen is None:
+                raise InvalidInputError("pass context=prepare_context(...) or the conditioning arguments")
+            context = self.prepare_context(
+                encoder_hidden_states, encoder_attention_mask, encoder_image_token_mask, image_grid_thw_gen,
+                image_fhw_cond, conditional_input, image_grid_thw_gen_cond,
+            )
+        elif encoder_hidden_states is not None:
+            raise InvalidInputError("pass either context or the conditioning arguments, not both")
+        if self.is_cache_enabled:
+            if context.steps_run == 0:  # a new sampling run: forget the previous run's cached residuals
+                self._reset_stateful_cache()
+            with self.cache_context("denoise"):
+                out = self._denoise(hidden_states, timestep, context)
+        else:
+            out = self._denoise(hidden_states, timestep, context)
+        context.steps_run += 1
+        return out
+
     def forward_with_context(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor | float, context: DecoderContext
     ) -> torch.Tensor:
-        """One denoising step: latents [B, C, H, W] + timestep [B] → prediction [B, out, H, W]."""
-        cfg = self.config
-        p = cfg.patch_size
+        """One step with a prepared context (``self(hidden_states, timestep=…, context=…)``)."""
+        return self(hidden_states, timestep=timestep, context=context)
+
+    def _denoise(self, hidden_states: torch.Tensor, timestep: torch.Tensor | float, context: DecoderContext):
+        p = self.config.patch_size
         dtype, device = self.dtype, self.device
         batch, _, height, width = hidden_states.shape
         if batch != context.batch_size:
@@ -796,6 +808,10 @@ class InternVLUTransformer2DModel(nn.Module):
         for h, w in context.target_grids:
             if h > height or w > width:
                 raise InvalidInputError(f"target grid ({h}, {w}) exceeds the latent size ({height}, {width})")
+        if context.text_tokens is None:  # the first step of a run projects the step-invariant streams
+            context.text_tokens = self.txt_in(self.txt_norm(context.text_states))  # [N_txt, D]
+            if context.reference_patches is not None:
+                context.reference_tokens = self.img_in(context.reference_patches)  # [N_ref, D]
 
         x = hidden_states.to(device=device, dtype=dtype)
         if all(g == (height, width) for g in context.target_grids):
@@ -814,9 +830,10 @@ class InternVLUTransformer2DModel(nn.Module):
         # One shared modulation (broadcast) when every row has the same timestep, else per-token gathers.
         t_model = timestep.to(dtype)
         uniform = batch == 1 or torch.equal(t_model, t_model[:1].expand(batch))
-        # A shared timestep is embedded once: cheaper, and each row's result then does not depend on
-        # how many rows share the pass (small matrix products round differently for different row counts).
-        temb = self.time_text_embed(timestep[:1] if uniform else timestep, dtype)  # [1 or B, D]
+        # A shared timestep is embedded on a fixed two-row batch, whatever B is: each row's result then does
+        # not depend on how many rows share the pass (small matrix products round differently for different
+        # row counts, and one-row products take a BLAS path whose rounding follows the weights' alignment).
+        temb = self.time_text_embed(timestep[:1].expand(2) if uniform else timestep, dtype)  # [2 or B, D]
         img_rows = None if uniform else context.image_row_ids
         txt_rows = None if uniform else context.text_row_ids
 
@@ -827,7 +844,7 @@ class InternVLUTransformer2DModel(nn.Module):
         tgt_rows = None if uniform else context.image_row_ids[:n_tgt]
         out = self.proj_out(self.norm_out(img[:n_tgt], temb, tgt_rows))  # [N_tgt, p²·out]
 
-        c_out = cfg.out_channels
+        c_out = self.config.out_channels
         if all(g == (height, width) for g in context.target_grids):
             out = out.reshape(batch, height // p, width // p, c_out, p, p).permute(0, 3, 1, 4, 2, 5)
             return out.reshape(batch, c_out, height, width)
@@ -838,30 +855,6 @@ class InternVLUTransformer2DModel(nn.Module):
             result[b, :, :h, :w] = _unpatchify(out[start : start + n], h, w, p)
             start += n
         return result
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor,
-        encoder_image_token_mask: torch.Tensor,
-        timestep: torch.Tensor | float,
-        image_grid_thw_gen: torch.Tensor,
-        image_fhw_cond: Sequence[torch.Tensor] | None = None,
-        conditional_input: Sequence[torch.Tensor] | None = None,
-        image_grid_thw_gen_cond: Sequence[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """``prepare_context`` + ``forward_with_context`` (see the class docstring for shapes)."""
-        context = self.prepare_context(
-            encoder_hidden_states,
-            encoder_attention_mask,
-            encoder_image_token_mask,
-            image_grid_thw_gen,
-            image_fhw_cond,
-            conditional_input,
-            image_grid_thw_gen_cond,
-        )
-        return self.forward_with_context(hidden_states, timestep, context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,7 +880,7 @@ class InternVLUGenerationDecoder(nn.Module):
             )
         else:
             self.decoder_projector = nn.Identity()
-        self.decoder = InternVLUTransformer2DModel.from_config_dict(config.decoder)
+        self.decoder = InternVLUTransformer2DModel.from_config(config.decoder_config)
 
     @classmethod
     def from_config_dict(

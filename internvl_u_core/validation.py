@@ -17,34 +17,48 @@ import torch
 from PIL import Image
 
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
+from .limits import DEFAULT_LIMITS, Limits
 
 
-@dataclass
-class Limits:
-    """Bounds on what one call may ask for; ``pipe.limits`` can be changed per deployment."""
+@dataclass(frozen=True)
+class ArgumentNames:
+    """How one surface spells the arguments in error messages: Python keywords or CLI flags."""
 
-    max_side: int = 4096  # pixels per side of a requested image
-    max_pixels: int = 4096 * 4096  # requested width × height
-    max_steps: int = 1000
-    max_new_tokens: int = 32768
-    max_images_per_prompt: int = 16
-    max_input_pixels: int = 64_000_000  # larger input images are downscaled to this many pixels
-    max_input_file_pixels: int = 256_000_000  # image files claiming more are refused before decoding
-    max_prompt_chars: int = 200_000  # checked before tokenising
-    max_prompt_tokens: int | None = None  # None: the model's context length
+    width: str = "width"
+    height: str = "height"
+    steps: str = "steps"
+    num_images: str = "num_images"
+    all_cfg_scale: str = "all_cfg_scale"
+    part_cfg_scale: str = "part_cfg_scale"
+    seed: str = "seed"
+    device: str = "device"
+    max_new_tokens: str = "max_new_tokens"
+    min_new_tokens: str = "min_new_tokens"
+    do_sample: str = "do_sample"
+    temperature: str = "temperature"
+    top_p: str = "top_p"
+    num_beams: str = "num_beams"
+    flags: bool = False  # CLI style: "--device cpu" rather than "device='cpu'"
+
+    def setting(self, argument: str, value) -> str:
+        """``argument`` set to ``value`` as this surface writes it."""
+        name = getattr(self, argument)
+        return f"{name} {value}" if self.flags else f"{name}={value!r}"
 
 
-DEFAULT_LIMITS = Limits()
+#: The friendly methods' keywords (``generate(steps=…, num_images=…)``).
+API_NAMES = ArgumentNames()
+#: The reference-style call's keywords (``pipe(..., num_inference_steps=…)``).
+REFERENCE_NAMES = ArgumentNames(steps="num_inference_steps", num_images="num_images_per_prompt")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 GENERATION_MODES = ("text", "image", "text_image")
-MAX_SEED = 2**64 - 1  # seeds are any unsigned 64-bit integer
 
 
-def device(value) -> torch.device:
+def device(value, names: ArgumentNames = API_NAMES) -> torch.device:
     if value is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(value, torch.device):
@@ -53,15 +67,47 @@ def device(value) -> torch.device:
         try:
             dev = torch.device(value.strip().lower())
         except RuntimeError as exc:
-            raise InvalidInputError(f"device {value!r} is not a device; use 'cpu', 'cuda', 'cuda:0' or 'mps'") from exc
+            raise InvalidInputError(
+                f"{names.setting('device', value)} is not a device; use cpu, cuda, cuda:0 or mps"
+            ) from exc
     else:
-        raise InvalidInputTypeError(f"device must be a string or torch.device, got {type(value).__name__}")
+        raise InvalidInputTypeError(f"{names.device} must be a string or torch.device, got {type(value).__name__}")
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise InvalidInputError(f"device {value!r} is not supported; use 'cpu', 'cuda' or 'mps'")
+        raise InvalidInputError(f"{names.setting('device', value)} is not supported; use cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {value!r} was asked for but CUDA is not available; use device='cpu'")
+        raise InvalidInputError(
+            f"{names.setting('device', value)} was asked for but {_no_cuda()}; use {names.setting('device', 'cpu')}"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise InvalidInputError(f"device {value!r} was asked for but MPS is not available; use device='cpu'")
+        raise InvalidInputError(
+            f"{names.setting('device', value)} was asked for but MPS is not available; "
+            f"use {names.setting('device', 'cpu')}"
+        )
+    return dev
+
+
+def _no_cuda() -> str:
+    """Why torch sees no CUDA GPU, in words."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build without CUDA"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU"
+
+
+def offload_device(value, option: str, names: ArgumentNames = API_NAMES) -> torch.device:
+    """The accelerator ``option`` (CPU offload) moves each component to; None picks CUDA."""
+    if value is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        raise InvalidInputError(
+            f"{option} keeps the model in CPU memory and moves each part to a GPU while it runs, but "
+            f"{_no_cuda()}; run without {option}"
+        )
+    dev = device(value, names)
+    if dev.type == "cpu":
+        raise InvalidInputError(
+            f"{option} moves each part of the model to a GPU while it runs; with "
+            f"{names.setting('device', value)} there is nothing to offload to, so run without {option}"
+        )
     return dev
 
 
@@ -108,10 +154,10 @@ def optional_text(value, name: str, limits: Limits = DEFAULT_LIMITS) -> str | No
     return None if value is None else text(value, name, limits)
 
 
-def system_prompt(value, limits: Limits = DEFAULT_LIMITS) -> str | None:
-    value = optional_text(value, "system_prompt", limits)
+def system_prompt(value, limits: Limits = DEFAULT_LIMITS, name: str = "system_prompt") -> str | None:
+    value = optional_text(value, name, limits)
     if value is not None and ("<image>" in value or "<IMG_CONTEXT>" in value):
-        raise InvalidInputError("system_prompt must not contain image slots ('<image>'); put them in the prompt")
+        raise InvalidInputError(f"{name} must not contain image slots ('<image>'); put them in the prompt")
     return value
 
 
@@ -121,6 +167,8 @@ def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image
         image = value
     elif isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
+        if path.is_dir():
+            raise InvalidInputError(f"{name}: {os.fspath(value)!r} is a folder, not an image file")
         if not path.is_file():
             raise InvalidInputError(f"{name}: image file {os.fspath(value)!r} does not exist")
         image = _open_encoded(path, repr(os.fspath(value)), name, limits)
@@ -209,7 +257,7 @@ def image_list(value, name: str, *, allow_empty: bool, limits: Limits = DEFAULT_
 
 
 def prompts_and_images(
-    prompt, image, mode: str, limits: Limits = DEFAULT_LIMITS
+    prompt, image, *, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[list[str], list[list[Image.Image]]]:
     """Reference nesting → one prompt list and one image list per prompt."""
     if isinstance(prompt, str):
@@ -239,15 +287,6 @@ def prompts_and_images(
     return prompts, per_prompt
 
 
-def _number(value, name: str, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    ):
-        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value) if kind is float else value
-    return value
-
-
 def integer(value, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
@@ -260,7 +299,11 @@ def integer(value, name: str, low: int, high: int) -> int:
 
 
 def finite(value, name: str) -> float:
-    number = _number(value, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    ):
+        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
     if not math.isfinite(number):
         raise InvalidInputError(f"{name} = {value} must be a finite number")
     return number
@@ -283,30 +326,54 @@ def token_ids(value, name: str, vocabulary: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def steps(value, limits: Limits = DEFAULT_LIMITS) -> int:
-    return integer(value, "num_inference_steps", 1, limits.max_steps)
+def steps(value, limits: Limits = DEFAULT_LIMITS, name: str = "steps") -> int:
+    return integer(value, name, 1, limits.max_steps)
 
 
-def count(value, name: str) -> int:
-    return integer(value, name, 1, 64)
+def num_images(value, limits: Limits = DEFAULT_LIMITS, name: str = "num_images") -> int:
+    return integer(value, name, 1, limits.max_output_images)
 
 
-def image_size(height, width, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
-    height = integer(height, "height", 1, limits.max_side)
-    width = integer(width, "width", 1, limits.max_side)
+def guidance_scale(value, name: str, limits: Limits = DEFAULT_LIMITS) -> float:
+    scale = finite(value, name)
+    if not 0 <= scale <= limits.max_guidance_scale:
+        raise InvalidInputError(f"{name} = {value} is out of range; allowed 0…{limits.max_guidance_scale:g}")
+    return scale
+
+
+def image_size(height, width, limits: Limits = DEFAULT_LIMITS, names: ArgumentNames = API_NAMES) -> tuple[int, int]:
+    height = integer(height, names.height, limits.min_side, limits.max_side)
+    width = integer(width, names.width, limits.min_side, limits.max_side)
     if height * width > limits.max_pixels:
         raise InvalidInputError(
-            f"height×width = {height}×{width} exceeds the {limits.max_pixels:,}-pixel budget (pipe.limits.max_pixels)"
+            f"{names.height}×{names.width} = {height}×{width} exceeds the {limits.max_pixels:,}-pixel budget "
+            "(limits.max_pixels)"
         )
     return height, width
 
 
-def optional_seed(value) -> int | None:
-    return None if value is None else integer(value, "seed", 0, MAX_SEED)
+def requested_size(
+    height, width, default: tuple[int, int] | None, limits: Limits = DEFAULT_LIMITS, names: ArgumentNames = API_NAMES
+) -> tuple[int, int] | None:
+    """``(height, width)``: a single given side is used for both (as the reference does); neither → ``default``."""
+    if height is None and width is None:
+        if default is None:
+            return None
+        height, width = default
+    # Check a single given side under its own name before it stands in for the other.
+    if height is None:
+        height = width = integer(width, names.width, limits.min_side, limits.max_side)
+    if width is None:
+        width = height = integer(height, names.height, limits.min_side, limits.max_side)
+    return image_size(height, width, limits, names)
 
 
-def seed_generator(seed) -> torch.Generator | None:
-    seed = optional_seed(seed)
+def optional_seed(value, limits: Limits = DEFAULT_LIMITS, name: str = "seed") -> int | None:
+    return None if value is None else integer(value, name, 0, limits.max_seed)
+
+
+def seed_generator(seed: int | None) -> torch.Generator | None:
+    """A CPU generator for an already validated seed (``None``: torch's global random state)."""
     if seed is None:
         return None
     return torch.Generator(device="cpu").manual_seed(seed if seed < 2**63 else seed - 2**64)
@@ -320,33 +387,36 @@ def generator(value):
     raise InvalidInputTypeError(f"generator must be a torch.Generator, got {type(value).__name__}")
 
 
-def text_kwargs(kwargs: dict, default_max_new_tokens: int | None, limits: Limits = DEFAULT_LIMITS) -> dict:
+def text_kwargs(
+    kwargs: dict, default_max_new_tokens: int | None, limits: Limits = DEFAULT_LIMITS, names: ArgumentNames = API_NAMES
+) -> dict:
     out = dict(kwargs)
     if "max_new_tokens" not in out and default_max_new_tokens is not None:
         out["max_new_tokens"] = default_max_new_tokens
     if "max_new_tokens" in out:
-        out["max_new_tokens"] = integer(out["max_new_tokens"], "max_new_tokens", 1, limits.max_new_tokens)
+        out["max_new_tokens"] = integer(out["max_new_tokens"], names.max_new_tokens, 1, limits.max_new_tokens)
     if "min_new_tokens" in out:
-        out["min_new_tokens"] = integer(out["min_new_tokens"], "min_new_tokens", 0, limits.max_new_tokens)
+        out["min_new_tokens"] = integer(out["min_new_tokens"], names.min_new_tokens, 0, limits.max_new_tokens)
         if out["min_new_tokens"] > out.get("max_new_tokens", out["min_new_tokens"]):
             raise InvalidInputError(
-                f"min_new_tokens = {out['min_new_tokens']} is larger than max_new_tokens = {out['max_new_tokens']}"
+                f"{names.min_new_tokens} = {out['min_new_tokens']} is larger than "
+                f"{names.max_new_tokens} = {out['max_new_tokens']}"
             )
     for flag in ("return_dict_in_generate", "output_hidden_states"):
         out.pop(flag, None)  # the output object is fixed; accepted for compatibility
     if "num_beams" in out:
-        out["num_beams"] = integer(out["num_beams"], "num_beams", 1, 16)
+        out["num_beams"] = integer(out["num_beams"], names.num_beams, 1, limits.max_num_beams)
     if "do_sample" in out and not isinstance(out["do_sample"], bool):
-        raise InvalidInputTypeError(f"do_sample must be True or False, got {out['do_sample']!r}")
+        raise InvalidInputTypeError(f"{names.do_sample} must be True or False, got {out['do_sample']!r}")
     if "temperature" in out:
-        t = finite(out["temperature"], "temperature")
+        t = finite(out["temperature"], names.temperature)
         if t <= 0:
-            raise InvalidInputError(f"temperature = {t} must be > 0")
+            raise InvalidInputError(f"{names.temperature} = {t} must be > 0")
         out["temperature"] = t
     if "top_p" in out:
-        p = finite(out["top_p"], "top_p")
+        p = finite(out["top_p"], names.top_p)
         if not 0 < p <= 1:
-            raise InvalidInputError(f"top_p = {p} must be in (0, 1]")
+            raise InvalidInputError(f"{names.top_p} = {p} must be in (0, 1]")
         out["top_p"] = p
     return out
 
@@ -362,6 +432,22 @@ def prompt_length(tokens: int, new_tokens: int, limit: int, name: str) -> None:
 def run_text_callback(callback: Callable, text: str) -> None:
     if callback(text) is False:
         raise GenerationCancelled("text generation was stopped by the text callback")
+
+
+def latents(value, channels: int) -> torch.Tensor:
+    """Latents ``[N, C, h, w]`` (a single-frame ``[N, C, 1, h, w]`` video latent is accepted), float32."""
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputTypeError(f"latents must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim == 5 and value.shape[2] == 1:
+        value = value[:, :, 0]
+    if value.ndim != 4 or value.shape[1] != channels or value.shape[0] == 0:
+        raise InvalidInputError(
+            f"latents of shape {tuple(value.shape)} do not fit this model; expected [N, {channels}, H/8, W/8] "
+            f"(or [N, {channels}, 1, H/8, W/8])"
+        )
+    if not torch.isfinite(value).all():
+        raise InvalidInputError("latents contain NaN or infinite values")
+    return value.to(torch.float32)
 
 
 def run_callback(callback: Callable | None, step: int, total: int, latents: torch.Tensor) -> None:

@@ -15,8 +15,9 @@ if TYPE_CHECKING:
 
 def all_specs() -> list[NodeSpec]:
     """Every node of the pack, in menu order."""
+    from .dataset_nodes import LOAD_IMAGE_FOLDER, SAVE_CAPTIONS
     from .image_nodes import EDIT, GENERATE
     from .loader_nodes import LOADER, UNLOAD
     from .text_nodes import REASON, UNDERSTAND
 
-    return [LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD]
+    return [LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD, LOAD_IMAGE_FOLDER, SAVE_CAPTIONS]

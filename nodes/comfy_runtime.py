@@ -16,6 +16,8 @@ from typing import Any
 
 MODEL_FOLDER_KEY = "internvl_u"
 MODELS_DIR_ENV = "INTERNVLU_MODELS_DIR"
+INPUT_DIR_ENV = "INTERNVLU_INPUT_DIR"
+OUTPUT_DIR_ENV = "INTERNVLU_OUTPUT_DIR"
 
 
 class ProcessingInterrupted(Exception):
@@ -29,10 +31,6 @@ def comfy_module(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
-
-
-def in_comfyui() -> bool:
-    return comfy_module("comfy.model_management") is not None
 
 
 # --- interruption ---------------------------------------------------------------------------
@@ -109,6 +107,22 @@ def model_roots() -> list[Path]:
     return [Path("models") / MODEL_FOLDER_KEY]
 
 
+def input_directory() -> Path:
+    """ComfyUI's input folder (``--input-directory``); outside ComfyUI ``INTERNVLU_INPUT_DIR`` or ./input."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_input_directory())
+    return Path(os.environ.get(INPUT_DIR_ENV, "input"))
+
+
+def output_directory() -> Path:
+    """ComfyUI's output folder (``--output-directory``); outside ComfyUI ``INTERNVLU_OUTPUT_DIR`` or ./output."""
+    folder_paths = comfy_module("folder_paths")
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    return Path(os.environ.get(OUTPUT_DIR_ENV, "output"))
+
+
 # --- devices --------------------------------------------------------------------------------
 
 
@@ -139,19 +153,14 @@ def resolve_devices(choice: str) -> tuple[Any, Any]:
 
 
 def resolve_dtype(choice: str, device: Any) -> Any:
-    """The torch dtype for a loader ``dtype`` choice; "auto" is fp32 on CPU, else bf16 or fp16."""
-    import torch
-
-    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if choice in named:
-        return named[choice]
-    if device.type == "cpu":
-        return torch.float32
+    """The torch dtype for a loader ``dtype`` choice: ComfyUI picks "auto" on an accelerator, else the core does."""
     mm = comfy_module("comfy.model_management")
-    if mm is not None:
+    if choice == "auto" and mm is not None and device.type != "cpu":
+        import torch
+
         if mm.should_use_bf16(device):
             return torch.bfloat16
         return torch.float16 if mm.should_use_fp16(device) else torch.float32
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    from .core_import import core
+
+    return core().validation.dtype(choice, device)

@@ -1,16 +1,25 @@
-"""Turning the node declarations into ComfyUI V3 nodes (``comfy_api.latest``, ComfyUI >= 0.3.48)."""
+"""Turning the node declarations into ComfyUI V3 nodes.
+
+The pack uses the versioned ``comfy_api.v0_0_2`` (present from ComfyUI 0.3.48 on; checked on 0.3.64
+and 0.33.0) and only names whose meaning is the same in every version checked: ``ComfyExtension``,
+``io.Schema``/``ComfyNode``/``NodeOutput``, the Int/Float/String/Boolean/Combo/Image/Latent/AnyType/
+Custom socket types and ``ui.PreviewText``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from comfy_api.latest import ComfyExtension, io, ui
+try:
+    from comfy_api.v0_0_2 import ComfyExtension, io, ui
+except ImportError:  # a core without the pinned version module: the same names from latest
+    from comfy_api.latest import ComfyExtension, io, ui
 
 from . import all_specs
 from .comfy_runtime import register_model_folder
-from .schema import ANY_TYPE, InputSpec, NodeSpec, OutputSpec
+from .schema import ANY_TYPE, LATENT_TYPE, InputSpec, NodeSpec, OutputSpec
 
-_SIMPLE_TYPES: dict[str, Any] = {"IMAGE": io.Image, ANY_TYPE: io.AnyType}
+_SIMPLE_TYPES: dict[str, Any] = {"IMAGE": io.Image, LATENT_TYPE: io.Latent, ANY_TYPE: io.AnyType}
 _custom_types: dict[str, Any] = {}
 
 
@@ -52,7 +61,9 @@ def _v3_input(spec: InputSpec) -> Any:
 
 
 def _v3_output(spec: OutputSpec) -> Any:
-    return _socket_type(spec.type).Output(spec.name, display_name=spec.name, tooltip=spec.tooltip)
+    return _socket_type(spec.type).Output(
+        spec.name, display_name=spec.name, tooltip=spec.tooltip, is_output_list=spec.is_list
+    )
 
 
 def _v3_node(spec: NodeSpec) -> type[io.ComfyNode]:
@@ -65,6 +76,7 @@ def _v3_node(spec: NodeSpec) -> type[io.ComfyNode]:
             inputs=[_v3_input(i) for i in spec.inputs],
             outputs=[_v3_output(o) for o in spec.outputs],
             is_output_node=spec.output_node,
+            is_input_list=spec.input_is_list,
         )
 
     def execute(cls: type, **inputs: Any) -> io.NodeOutput:

@@ -1,10 +1,14 @@
-"""Input declarations shared by several nodes."""
+"""Input declarations shared by several nodes; every bound and default comes from the core's limits."""
 
 from __future__ import annotations
 
-from .schema import MAX_SEED, MODEL_TYPE, REASONING_TYPE, InputSpec
+from .core_import import core
+from .schema import MODEL_TYPE, REASONING_TYPE, InputSpec
 
-MAX_SIZE = 4096
+
+def _limits():
+    """The core's ``DEFAULT_LIMITS`` (what ``pipe.limits`` starts from)."""
+    return core().DEFAULT_LIMITS
 
 
 def model_input() -> InputSpec:
@@ -32,11 +36,14 @@ def system_prompt_input() -> InputSpec:
 
 
 def seed_input(tooltip: str, control: str) -> InputSpec:
-    return InputSpec("seed", "INT", tooltip, default=0, min=0, max=MAX_SEED, control_after_generate=control)
+    return InputSpec(
+        "seed", "INT", tooltip, default=0, min=0, max=_limits().max_seed, control_after_generate=control
+    )
 
 
 def text_generation_inputs(max_new_tokens: int) -> list[InputSpec]:
     """Length and sampling controls of the token-generating nodes."""
+    limits = _limits()
     return [
         InputSpec(
             "max_new_tokens",
@@ -44,7 +51,7 @@ def text_generation_inputs(max_new_tokens: int) -> list[InputSpec]:
             "The most tokens to generate; generation also stops at the end-of-answer token.",
             default=max_new_tokens,
             min=1,
-            max=8192,
+            max=limits.max_new_tokens,
         ),
         InputSpec(
             "do_sample",
@@ -76,21 +83,23 @@ def text_generation_inputs(max_new_tokens: int) -> list[InputSpec]:
             "Beam-search width; 1 disables beam search.",
             default=1,
             min=1,
-            max=16,
+            max=limits.max_num_beams,
         ),
         seed_input("Random seed for sampling (unused by greedy decoding).", control="fixed"),
     ]
 
 
 def size_inputs(zero_means: str, default: int) -> list[InputSpec]:
+    limits = _limits()
     return [
         InputSpec(
             name,
             "INT",
-            f"Output {name} in pixels; 0 uses {zero_means}. Any size from 16 works.",
+            f"Output {name} in pixels; 0 uses {zero_means}. Any size from {limits.min_side} to "
+            f"{limits.max_side} works.",
             default=default,
             min=0,
-            max=MAX_SIZE,
+            max=limits.max_side,
             step=16,
         )
         for name in ("width", "height")
@@ -99,30 +108,39 @@ def size_inputs(zero_means: str, default: int) -> list[InputSpec]:
 
 def diffusion_inputs() -> list[InputSpec]:
     """Sampling controls shared by Generate and Edit."""
+    limits, defaults = _limits(), core().limits
+    (plain_all, plain_part), (reasoned_all, reasoned_part) = (
+        defaults.DEFAULT_GUIDANCE["image"],
+        defaults.DEFAULT_GUIDANCE["text_image"],
+    )
     return [
-        InputSpec("steps", "INT", "Number of denoising steps.", default=20, min=1, max=200),
+        InputSpec(
+            "steps", "INT", "Number of denoising steps.", default=defaults.DEFAULT_STEPS, min=1, max=limits.max_steps
+        ),
         InputSpec(
             "all_cfg_scale",
             "FLOAT",
             "Guidance scale of the full condition against no condition. 0 = model default "
-            "(4.5, or 3.5 with reasoning).",
+            f"({plain_all}, or {reasoned_all} with reasoning).",
             default=0.0,
             min=0.0,
-            max=30.0,
+            max=limits.max_guidance_scale,
             step=0.1,
         ),
         InputSpec(
             "part_cfg_scale",
             "FLOAT",
             "Guidance scale of the partial condition (image only, or text only). 0 = model "
-            "default (2.0, or 1.5 with reasoning).",
+            f"default ({plain_part}, or {reasoned_part} with reasoning).",
             default=0.0,
             min=0.0,
-            max=30.0,
+            max=limits.max_guidance_scale,
             step=0.1,
         ),
         seed_input("Random seed of the initial noise.", control="randomize"),
-        InputSpec("batch_size", "INT", "How many images to make in one run.", default=1, min=1, max=16),
+        InputSpec(
+            "batch_size", "INT", "How many images to make in one run.", default=1, min=1, max=limits.max_output_images
+        ),
     ]
 
 

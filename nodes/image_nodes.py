@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .callbacks import step_callback
+from .callbacks import StepCallback
 from .common_inputs import (
     diffusion_inputs,
     model_input,
@@ -16,9 +16,25 @@ from .common_inputs import (
 )
 from .images import collect_images, pils_to_tensor
 from .model_handle import InternVLUModel
-from .schema import NODE_ID_PREFIX, InputSpec, NodeResult, NodeSpec, OutputSpec
+from .schema import LATENT_TYPE, NODE_ID_PREFIX, InputSpec, NodeResult, NodeSpec, OutputSpec
 
 log = logging.getLogger(__name__)
+
+CUSTOM_SIZE = "custom (width x height)"
+SAME_AS_INPUT = "same as input"
+#: About one megapixel per aspect ratio, on the 32-pixel grid (the VAE's 8x times the transformer's
+#: 2x2 patches is 16; 32 keeps both sides even in patches): the sizes the released model was trained around.
+PRESET_SIZES = {
+    "1:1 (1024x1024)": (1024, 1024),
+    "4:3 (1152x864)": (1152, 864),
+    "3:4 (864x1152)": (864, 1152),
+    "3:2 (1248x832)": (1248, 832),
+    "2:3 (832x1248)": (832, 1248),
+    "16:9 (1344x768)": (1344, 768),
+    "9:16 (768x1344)": (768, 1344),
+    "21:9 (1568x672)": (1568, 672),
+    "9:21 (672x1568)": (672, 1568),
+}
 
 
 def _prompt_with_reasoning(prompt: str, reasoning: Any, name: str) -> str:
@@ -32,10 +48,18 @@ def _prompt_with_reasoning(prompt: str, reasoning: Any, name: str) -> str:
     return prompt
 
 
-def _diffusion_kwargs(
-    pipe: Any,
-    width: int,
-    height: int,
+def _size(resolution: str, width: int, height: int) -> tuple[int, int]:
+    """(width, height) for a resolution choice; 0 means "the default" (checkpoint's or input's)."""
+    if resolution in PRESET_SIZES:
+        return PRESET_SIZES[resolution]
+    if resolution == SAME_AS_INPUT:
+        return 0, 0
+    return width, height
+
+
+def _draw(
+    model: InternVLUModel,
+    job: str,
     steps: int,
     all_cfg_scale: float,
     part_cfg_scale: float,
@@ -43,25 +67,49 @@ def _diffusion_kwargs(
     batch_size: int,
     reasoning: Any,
     system_prompt: str | None,
-) -> dict[str, Any]:
-    """Core keyword arguments; 0 means "the core's default" for sizes and guidance scales."""
-    return {
-        "width": width or None,
-        "height": height or None,
-        "steps": steps,
-        "all_cfg_scale": all_cfg_scale or None,
-        "part_cfg_scale": part_cfg_scale or None,
-        "seed": seed,
-        "num_images": batch_size,
-        "reasoning": reasoning,
-        "system_prompt": system_prompt or None,
-        "callback": step_callback(pipe, steps),
-    }
+    **job_args: Any,
+) -> NodeResult:
+    """Run ``pipe.generate``/``pipe.edit``; outputs the images and the final latents as a ComfyUI LATENT.
+
+    The LATENT holds the VAE-space latents ``[N, 16, 1, H/8, W/8]`` (float32), the layout ComfyUI's
+    own Qwen-Image VAE nodes read and write (the Wan 2.1 latent space).
+    """
+    width, height = job_args.pop("width"), job_args.pop("height")
+    with model.use() as pipe:
+        callback = StepCallback(pipe, steps)
+        images = getattr(pipe, job)(
+            **job_args,
+            width=width or None,
+            height=height or None,
+            steps=steps,
+            all_cfg_scale=all_cfg_scale or None,
+            part_cfg_scale=part_cfg_scale or None,
+            seed=seed,
+            num_images=batch_size,
+            reasoning=reasoning,
+            system_prompt=system_prompt or None,
+            callback=callback,
+        )
+        latent = {"samples": pipe.to_vae_latents(callback.latents).unsqueeze(2).cpu()}
+    return NodeResult((pils_to_tensor(images), latent))
+
+
+def _outputs(what: str) -> tuple[OutputSpec, ...]:
+    return (
+        OutputSpec("images", "IMAGE", f"The {what} image batch."),
+        OutputSpec(
+            "latent",
+            LATENT_TYPE,
+            f"The {what} images as latents of the Qwen-Image VAE (ComfyUI's format for "
+            "qwen_image_vae.safetensors), for core nodes such as VAE Decode, tiled decode or latent upscale.",
+        ),
+    )
 
 
 def generate(
     model: InternVLUModel,
     prompt: str,
+    resolution: str,
     width: int,
     height: int,
     steps: int,
@@ -73,24 +121,11 @@ def generate(
     system_prompt: str | None = None,
 ) -> NodeResult:
     """Text-to-image, optionally guided by a Reason node's chain of thought."""
-    prompt = _prompt_with_reasoning(prompt, reasoning, "prompt")
-    with model.use() as pipe:
-        images = pipe.generate(
-            prompt,
-            **_diffusion_kwargs(
-                pipe,
-                width,
-                height,
-                steps,
-                all_cfg_scale,
-                part_cfg_scale,
-                seed,
-                batch_size,
-                reasoning,
-                system_prompt,
-            ),
-        )
-    return NodeResult((pils_to_tensor(images),))
+    width, height = _size(resolution, width, height)
+    return _draw(
+        model, "generate", steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt,
+        prompt=_prompt_with_reasoning(prompt, reasoning, "prompt"), width=width, height=height,
+    )
 
 
 GENERATE = NodeSpec(
@@ -106,20 +141,27 @@ GENERATE = NodeSpec(
             default="",
             multiline=True,
         ),
+        InputSpec(
+            "resolution",
+            "COMBO",
+            "An aspect ratio at about one megapixel, or 'custom' to use width and height.",
+            options=(CUSTOM_SIZE, *PRESET_SIZES),
+            default=CUSTOM_SIZE,
+        ),
         *size_inputs("the checkpoint's default size", 1024),
         *diffusion_inputs(),
         reasoning_input(),
         system_prompt_input(),
     ),
-    outputs=(OutputSpec("images", "IMAGE", "The generated image batch."),),
+    outputs=_outputs("generated"),
     run=generate,
 )
 
 
 def edit(
     model: InternVLUModel,
-    image: Any,
     instruction: str,
+    resolution: str,
     width: int,
     height: int,
     steps: int,
@@ -127,33 +169,27 @@ def edit(
     part_cfg_scale: float,
     seed: int,
     batch_size: int,
+    image: Any = None,
+    image_latent: Any = None,
     more_images: Any = None,
     reasoning: Any = None,
     system_prompt: str | None = None,
 ) -> NodeResult:
     """Edit one image (or combine several reference images) following an instruction."""
-    instruction = _prompt_with_reasoning(instruction, reasoning, "instruction")
-    images = collect_images(image, more_images)
+    images = collect_images(image, more_images) or []
+    if image_latent is not None:
+        with model.use() as pipe:
+            images = pipe.decode_latents(pipe.from_vae_latents(image_latent["samples"])) + images
+    if not images:
+        raise ValueError("InternVL-U Edit needs an image to edit: connect 'image' or 'image_latent'")
+    width, height = _size(resolution, width, height)
     if bool(width) != bool(height):  # one side given: the other comes from the first input image
         width, height = width or images[0].width, height or images[0].height
-    with model.use() as pipe:
-        results = pipe.edit(
-            images,
-            instruction,
-            **_diffusion_kwargs(
-                pipe,
-                width,
-                height,
-                steps,
-                all_cfg_scale,
-                part_cfg_scale,
-                seed,
-                batch_size,
-                reasoning,
-                system_prompt,
-            ),
-        )
-    return NodeResult((pils_to_tensor(results),))
+    return _draw(
+        model, "edit", steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt,
+        images=images, instruction=_prompt_with_reasoning(instruction, reasoning, "instruction"),
+        width=width, height=height,
+    )
 
 
 EDIT = NodeSpec(
@@ -164,23 +200,39 @@ EDIT = NodeSpec(
     inputs=(
         model_input(),
         InputSpec(
-            "image",
-            "IMAGE",
-            "The image to edit, or a batch of reference images.",
-        ),
-        InputSpec(
             "instruction",
             "STRING",
             "The edit to make. May be left empty when 'reasoning' is connected.",
             default="",
             multiline=True,
         ),
+        InputSpec(
+            "resolution",
+            "COMBO",
+            "Output size: the (first) input image's, an aspect ratio at about one megapixel, or "
+            "'custom' to use width and height (0 there takes the input's side).",
+            options=(SAME_AS_INPUT, CUSTOM_SIZE, *PRESET_SIZES),
+            default=SAME_AS_INPUT,
+        ),
         *size_inputs("the (first) input image's size", 0),
         *diffusion_inputs(),
+        InputSpec(
+            "image",
+            "IMAGE",
+            "The image to edit, or a batch of reference images. Connect this or 'image_latent'.",
+            optional=True,
+        ),
+        InputSpec(
+            "image_latent",
+            LATENT_TYPE,
+            "An image to edit as a Qwen-Image VAE latent (e.g. from Generate's 'latent' after a latent "
+            "upscale); decoded with the model's VAE and placed before 'image'.",
+            optional=True,
+        ),
         more_images_input(),
         reasoning_input(),
         system_prompt_input(),
     ),
-    outputs=(OutputSpec("images", "IMAGE", "The edited image batch."),),
+    outputs=_outputs("edited"),
     run=edit,
 )

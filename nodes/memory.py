@@ -31,7 +31,8 @@ def _patcher_class() -> type:
     base = comfy_module("comfy.model_patcher").ModelPatcher
 
     class InternVLUModelPatcher(base):  # type: ignore[misc, valid-type]
-        def partially_unload(self, device_to: Any, memory_to_free: int = 0) -> int:
+        # ComfyUI >= 0.3.6x passes force_patch_weights (e.g. from partially_load); accept every form.
+        def partially_unload(self, device_to: Any, memory_to_free: int = 0, force_patch_weights: bool = False) -> int:
             return 0
 
     return InternVLUModelPatcher
@@ -49,12 +50,6 @@ def load(patcher: Any) -> None:
     """Have ComfyUI put the model on its load device, evicting other models if needed."""
     mm = comfy_module("comfy.model_management")
     mm.load_models_gpu([patcher], force_full_load=True)
-
-
-def is_loaded(patcher: Any) -> bool:
-    """Whether ComfyUI currently counts the model as loaded."""
-    mm = comfy_module("comfy.model_management")
-    return any(entry.model is patcher for entry in mm.current_loaded_models)
 
 
 def unload(patcher: Any) -> bool:

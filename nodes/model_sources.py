@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 
 from .comfy_runtime import model_roots
+from .core_import import core
 
 log = logging.getLogger(__name__)
 
 #: Hub checkpoints offered in the loader; downloaded only when the user enables ``allow_download``.
-HUB_MODELS = ("OpenGVLab/InternVL-U",)
+HUB_MODELS = (core().DEFAULT_HUB_ID,)
 
 _MARKER = "model_index.json"
 _MAX_DEPTH = 2
@@ -86,13 +87,6 @@ def resolve_model(name: str, allow_download: bool) -> Path:
 
 def _download(hub_id: str) -> Path:
     """Download a hub checkpoint into the first model folder (``models/internvl_u/<name>``)."""
-    from huggingface_hub import snapshot_download
-
     target = model_roots()[0] / _download_dir_name(hub_id)
     log.info("InternVL-U: downloading %s to %s", hub_id, target)
-    snapshot_download(
-        repo_id=hub_id,
-        local_dir=str(target),
-        ignore_patterns=["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"],  # safetensors only
-    )
-    return target
+    return core().download_checkpoint(hub_id, local_dir=target)

@@ -18,11 +18,10 @@ MODEL_TYPE = "INTERNVLU_MODEL"
 REASONING_TYPE = "INTERNVLU_REASONING"
 ANY_TYPE = "*"
 
+LATENT_TYPE = "LATENT"
+
 #: Input types that ComfyUI shows as widgets (unless ``force_input`` is set).
 WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
-
-#: The largest seed ComfyUI's seed widgets accept.
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -52,12 +51,6 @@ class InputSpec:
             return []
         return list(self.options() if callable(self.options) else self.options)
 
-    def widget_slots(self) -> int:
-        """How many entries this input occupies in a UI workflow's ``widgets_values``."""
-        if not self.is_widget:
-            return 0
-        return 2 if self.control_after_generate else 1
-
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -66,6 +59,7 @@ class OutputSpec:
     name: str
     type: str
     tooltip: str
+    is_list: bool = False  # a list ComfyUI iterates over downstream (one item per image, file...)
 
 
 @dataclass(frozen=True)
@@ -88,6 +82,7 @@ class NodeSpec:
     run: Callable[..., NodeResult] = field(compare=False)
     output_node: bool = False
     category: str = CATEGORY
+    input_is_list: bool = False  # run() receives every input as a list (ComfyUI's is_input_list)
 
     def input(self, name: str) -> InputSpec:
         for spec in self.inputs:
@@ -129,9 +124,18 @@ def object_info(spec: NodeSpec) -> dict[str, Any]:
         "output": [o.type for o in spec.outputs],
         "output_name": [o.name for o in spec.outputs],
         "output_tooltips": [o.tooltip for o in spec.outputs],
+        "output_is_list": [o.is_list for o in spec.outputs],
         "name": spec.node_id,
         "display_name": spec.display_name,
         "description": spec.description,
         "category": spec.category,
         "output_node": spec.output_node,
     }
+
+
+def list_rows(inputs: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """ComfyUI's pairing of list inputs for one call each: as many rows as the longest list, shorter
+    lists repeating their last item (what it does itself for nodes without ``is_input_list``)."""
+    lengths = [len(values) for values in inputs.values()]
+    count = max(lengths, default=0)
+    return [{name: values[min(i, len(values) - 1)] for name, values in inputs.items()} for i in range(count)]

@@ -17,10 +17,16 @@ def _pixels(images):
     return [np.asarray(i) for i in images]
 
 
-@pytest.mark.parametrize("width,height", [(1, 1), (15, 33), (100, 7), (72, 100), (64, 48)])
-def test_any_size_works(tiny_pipe, width, height):
+@pytest.mark.parametrize("width,height", [(16, 16), (17, 33), (100, 23), (72, 100), (64, 48)])
+def test_any_size_from_the_minimum_works(tiny_pipe, width, height):
     images = tiny_pipe.generate("a fox", width=width, height=height, steps=2, seed=1)
     assert [i.size for i in images] == [(width, height)]
+
+
+@pytest.mark.parametrize("width,height,name", [(15, 32, "width = 15"), (32, 1, "height = 1")])
+def test_sizes_below_the_minimum_are_refused(tiny_pipe, width, height, name):
+    with pytest.raises(InvalidInputError, match=f"{name} is out of range; allowed 16…"):
+        tiny_pipe.generate("a fox", width=width, height=height, steps=1)
 
 
 def test_several_images_per_prompt_first_equals_single(tiny_pipe):
@@ -124,30 +130,32 @@ def test_preview_and_components(tiny_pipe):
     assert tiny_pipe.device.type == "cpu" and tiny_pipe.dtype == torch.float32
 
 
-def test_vae_tiling_switch(tiny_pipe):
-    plain = np.asarray(tiny_pipe.generate("a cat", width=64, height=64, steps=2, seed=0)[0], dtype=np.int16)
-    tiny_pipe.enable_vae_tiling()
-    try:
-        assert tiny_pipe.vae.use_tiling
-        tiled = np.asarray(tiny_pipe.generate("a cat", width=64, height=64, steps=2, seed=0)[0], dtype=np.int16)
-    finally:
-        tiny_pipe.enable_vae_tiling(False)
-    assert np.abs(plain - tiled).max() <= 1  # below the tile size: the same single pass
-    assert not tiny_pipe.vae.use_tiling
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cpu_offload_without_cuda_is_refused_clearly(tiny_pipe):
+    with pytest.raises(InvalidInputError, match=r"enable_model_cpu_offload\(\) .* CUDA"):
+        tiny_pipe.enable_model_cpu_offload()
+    with pytest.raises(InvalidInputError, match="nothing to offload to"):
+        tiny_pipe.enable_model_cpu_offload("cpu")
+    assert tiny_pipe.device.type == "cpu"  # nothing changed
 
 
-def test_component_offload_gives_identical_results(tiny_pipe):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading needs a CUDA GPU")
+def test_component_offload_moves_parts_and_gives_identical_results():
+    from conftest import TINY_CHECKPOINT
+
+    from internvl_u_core import InternVLUPipeline
+
+    pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype=torch.float32, device="cuda")
     fox = load_inputs("internvlu-tiny", FOX)
-    before_image = _pixels(tiny_pipe.edit(fox, "make it blue", steps=2, seed=3, width=32, height=32))[0]
-    before_text = tiny_pipe.understand(fox, "what?", max_new_tokens=4)
-    tiny_pipe.enable_model_cpu_offload("cpu")
-    try:
-        assert tiny_pipe.device.type == "cpu"
-        assert np.array_equal(before_image, _pixels(tiny_pipe.edit(fox, "make it blue", steps=2, seed=3, width=32,
-                                                                   height=32))[0])
-        assert tiny_pipe.understand(fox, "what?", max_new_tokens=4) == before_text
-    finally:
-        tiny_pipe.to("cpu")
+    on_gpu = _pixels(pipe.edit(fox, "make it blue", steps=2, seed=3, width=32, height=32))[0]
+    pipe.enable_model_cpu_offload()
+    assert all(next(m.parameters()).device.type == "cpu" for m in pipe.components.values())
+    offloaded = _pixels(pipe.edit(fox, "make it blue", steps=2, seed=3, width=32, height=32))[0]
+    assert np.array_equal(on_gpu, offloaded)
+    # Only the part that ran last (the VAE) is left on the GPU; the others went back to the CPU.
+    assert next(pipe.vlm.parameters()).device.type == "cpu"
+    assert next(pipe.generation_decoder.parameters()).device.type == "cpu"
+    assert next(pipe.vae.parameters()).device.type == "cuda"
 
 
 def test_generator_list_must_match_the_batch(tiny_pipe):

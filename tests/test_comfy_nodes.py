@@ -15,10 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from internvl_u_core import DEFAULT_LIMITS, CheckpointNotDownloaded  # noqa: E402
 from nodes import all_specs  # noqa: E402
 from nodes.comfy_runtime import ProcessingInterrupted, request_interrupt  # noqa: E402
 from nodes.images import pils_to_tensor, tensor_to_pils  # noqa: E402
-from nodes.schema import CATEGORY, MAX_SEED, object_info  # noqa: E402
+from nodes.schema import CATEGORY, object_info  # noqa: E402
+
+COMFY_MAX_SEED = 0xFFFFFFFFFFFFFFFF  # the largest value ComfyUI's seed widgets hold
 
 TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
 SPECS = {spec.node_id: spec for spec in all_specs()}
@@ -31,8 +34,10 @@ def test_node_set() -> None:
     assert sorted(SPECS) == [
         "InternVLU_Edit",
         "InternVLU_Generate",
+        "InternVLU_LoadImageFolder",
         "InternVLU_Loader",
         "InternVLU_Reason",
+        "InternVLU_SaveCaptions",
         "InternVLU_Understand",
         "InternVLU_Unload",
     ]
@@ -57,14 +62,17 @@ def test_v3_schema_rules(node_id: str) -> None:
         if inp.type == "INT":
             assert inp.max is not None, "without max the frontend caps INT widgets at 2048"
         if inp.name == "seed":
-            assert (inp.min, inp.max) == (0, MAX_SEED) and inp.control_after_generate
+            assert (inp.min, inp.max) == (0, DEFAULT_LIMITS.max_seed) and inp.control_after_generate
+            assert inp.max <= COMFY_MAX_SEED
         if inp.type == "COMBO" and not callable(inp.options):
             assert inp.default in inp.option_list()
 
 
 def test_object_info_shape() -> None:
     info = object_info(SPECS["InternVLU_Generate"])
-    assert info["output"] == ["IMAGE"]
+    assert info["output"] == ["IMAGE", "LATENT"]
+    assert info["output_is_list"] == [False, False]
+    assert object_info(SPECS["InternVLU_Understand"])["output_is_list"] == [True]
     assert info["input_order"]["required"][:2] == ["model", "prompt"]
     assert info["input"]["optional"]["reasoning"][0] == "INTERNVLU_REASONING"
     assert info["input"]["required"]["seed"][1]["control_after_generate"] == "randomize"
@@ -105,6 +113,7 @@ def _generate(model: Any, **overrides: Any) -> torch.Tensor:
     kwargs = dict(
         model=model,
         prompt="a lighthouse at dusk",
+        resolution="custom (width x height)",
         width=32,
         height=32,
         steps=2,
@@ -116,22 +125,21 @@ def _generate(model: Any, **overrides: Any) -> torch.Tensor:
     return SPECS["InternVLU_Generate"].run(**(kwargs | overrides)).values[0]
 
 
-def _understand(model: Any) -> str:
-    return (
-        SPECS["InternVLU_Understand"]
-        .run(
-            model=model,
-            image=pils_to_tensor([Image.open(FOX).convert("RGB")]),
-            question="What?",
-            max_new_tokens=6,
-            do_sample=False,
-            temperature=1.0,
-            top_p=1.0,
-            num_beams=1,
-            seed=0,
-        )
-        .text
-    )
+def _understand(model: Any, image: torch.Tensor | None = None, **overrides: Any) -> list[str]:
+    """Understand's answers; its inputs are lists (is_input_list), as ComfyUI passes them."""
+    kwargs = dict(
+        model=model,
+        image=pils_to_tensor([Image.open(FOX).convert("RGB")]) if image is None else image,
+        question="What?",
+        max_new_tokens=6,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        num_beams=1,
+        seed=0,
+        per_image=False,
+    ) | overrides
+    return SPECS["InternVLU_Understand"].run(**{k: [v] for k, v in kwargs.items()}).values[0]
 
 
 def test_loader_lists_local_folders_and_hub_ids(
@@ -143,16 +151,21 @@ def test_loader_lists_local_folders_and_hub_ids(
     (tmp_path / "group" / "mine").mkdir(parents=True)
     (tmp_path / "group" / "mine" / "model_index.json").write_text("{}")
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
-    assert options() == ["group/mine", "OpenGVLab/InternVL-U"]
+    assert options() == ["group/mine", "InternVL-U/InternVL-U"]
 
 
 def test_loader_errors_are_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INTERNVLU_MODELS_DIR", str(tmp_path))
     loader = SPECS["InternVLU_Loader"]
     with pytest.raises(FileNotFoundError, match="allow_download"):
-        loader.run(checkpoint="OpenGVLab/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
+        loader.run(checkpoint="InternVL-U/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded")
     with pytest.raises(FileNotFoundError, match="No InternVL-U checkpoint named 'nope'"):
         loader.run(checkpoint="nope", dtype="auto", device="cpu", memory="keep_loaded")
+    # Downloads go through the core's one hub download (allow-list, offline mode, clear errors).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointNotDownloaded, match="InternVL-U/InternVL-U"):
+        loader.run(checkpoint="InternVL-U/InternVL-U", dtype="auto", device="cpu", memory="keep_loaded",
+                   allow_download=True)
 
 
 def test_equal_settings_share_one_model(model: Any) -> None:
@@ -199,3 +212,122 @@ def test_offload_after_run_mode(models_dir: Path) -> None:
     )
     images = _generate(handle)
     assert images.shape == (1, 32, 32, 3) and handle.is_loaded
+
+
+# --- per-image answers, latents, resolutions, dataset files ---------------------------------
+
+
+def _three_images() -> list[Image.Image]:
+    fox = Image.open(FOX).convert("RGB")
+    return [fox, fox.rotate(180), Image.fromarray(255 - np.asarray(fox))]
+
+
+def test_per_image_mode_gives_each_image_its_own_answer(model: Any) -> None:
+    pictures = _three_images()
+    answers = _understand(model, pils_to_tensor(pictures), per_image=True, max_new_tokens=12)
+    alone = [model.pipeline().understand([p], "What?", max_new_tokens=12) for p in pictures]
+    assert answers == alone and len(set(alone)) == 3
+    together = _understand(model, pils_to_tensor(pictures), max_new_tokens=12)
+    assert len(together) == 1 and together[0] == model.pipeline().understand(pictures, "What?", max_new_tokens=12)
+
+
+def test_per_image_mode_over_a_list_of_images_of_different_sizes(model: Any) -> None:
+    """A folder's list (is_input_list): one answer per image, in order, sizes batched separately."""
+    pictures = _three_images() + [Image.open(TINY / "inputs" / "img_lake_70x70.png").convert("RGB")]
+    lists = dict(model=[model], image=[pils_to_tensor([p]) for p in pictures], question=["What?"],
+                 max_new_tokens=[8], do_sample=[False], temperature=[1.0], top_p=[1.0], num_beams=[1],
+                 seed=[0], per_image=[True])
+    result = SPECS["InternVLU_Understand"].run(**lists)
+    assert result.values[0] == [model.pipeline().understand([p], "What?", max_new_tokens=8) for p in pictures]
+    assert result.text == "\n\n".join(result.values[0])
+
+
+def test_generate_latent_is_the_vae_space_of_the_final_latents(model: Any) -> None:
+    images, latent = SPECS["InternVLU_Generate"].run(
+        model=model, prompt="a lighthouse at dusk", resolution="custom (width x height)", width=48, height=32,
+        steps=2, all_cfg_scale=0.0, part_cfg_scale=0.0, seed=11, batch_size=1,
+    ).values
+    pipe = model.pipeline()
+    samples = latent["samples"]
+    assert samples.shape == (1, 4, 1, 4, 6) and samples.dtype == torch.float32
+    codec = pipe.codec
+    normalised = pipe.from_vae_latents(samples)
+    torch.testing.assert_close(samples[:, :, 0], normalised * codec.std + codec.mean, rtol=1e-6, atol=1e-6)
+    assert torch.equal(pils_to_tensor(pipe.decode_latents(normalised)), images)
+
+
+def test_edit_accepts_a_latent_instead_of_an_image(model: Any) -> None:
+    controls = dict(steps=2, all_cfg_scale=0.0, part_cfg_scale=0.0, seed=3, batch_size=1)
+    images, latent = SPECS["InternVLU_Generate"].run(
+        model=model, prompt="a tree", resolution="custom (width x height)", width=32, height=32, **controls
+    ).values
+    edit = dict(model=model, instruction="make it red", resolution="same as input", width=0, height=0, **controls)
+    from_latent = SPECS["InternVLU_Edit"].run(**edit, image_latent=latent).values[0]
+    from_image = SPECS["InternVLU_Edit"].run(**edit, image=images).values[0]
+    assert from_latent.shape == (1, 32, 32, 3) and torch.equal(from_latent, from_image)
+    with pytest.raises(ValueError, match="connect 'image' or 'image_latent'"):
+        SPECS["InternVLU_Edit"].run(**edit)
+
+
+def test_resolution_presets_are_about_one_megapixel_on_the_grid() -> None:
+    from nodes.image_nodes import PRESET_SIZES
+
+    for name, (width, height) in PRESET_SIZES.items():
+        assert width % 32 == 0 and height % 32 == 0
+        assert 0.8e6 <= width * height <= 1.1e6, name
+        ratio = tuple(int(x) for x in name.split(" ")[0].split(":"))
+        assert abs(width / height - ratio[0] / ratio[1]) < 0.05, name
+        assert f"({width}x{height})" in name
+    generate, edit = SPECS["InternVLU_Generate"], SPECS["InternVLU_Edit"]
+    assert generate.input("resolution").option_list()[1:] == list(PRESET_SIZES)
+    assert edit.input("resolution").default == "same as input"
+
+
+def test_wan21_previews_use_the_latent_to_rgb_factors() -> None:
+    from internvl_u_core.sampling import WAN21_RGB_BIAS, WAN21_RGB_FACTORS, latents_preview
+
+    latents = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(0))
+    preview = np.asarray(latents_preview(latents), dtype=np.float32)
+    rgb = torch.einsum("chw,ck->hwk", latents[0], torch.tensor(WAN21_RGB_FACTORS)) + torch.tensor(WAN21_RGB_BIAS)
+    expected = (((rgb + 1) / 2).clamp(0, 1) * 255).round().numpy()
+    assert preview.shape == (5, 7, 3) and np.abs(preview - expected).max() <= 1
+    plain = np.asarray(latents_preview(latents[:, :4]))  # other channel counts: three channels, min-max
+    assert plain.min() == 0 and plain.max() == 255
+    with pytest.raises(ValueError, match="rgb_factors"):
+        latents_preview(latents, torch.zeros(4, 3))
+
+
+def test_folder_nodes_stay_inside_comfyui_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERNVLU_INPUT_DIR", str(tmp_path / "input"))
+    monkeypatch.setenv("INTERNVLU_OUTPUT_DIR", str(tmp_path / "output"))
+    (tmp_path / "input" / "set").mkdir(parents=True)
+    load, save = SPECS["InternVLU_LoadImageFolder"], SPECS["InternVLU_SaveCaptions"]
+    for folder in ("../elsewhere", str(tmp_path)):
+        with pytest.raises(ValueError, match="folder"):
+            load.run(folder=folder, limit=0)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        load.run(folder="set", limit=0)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load.run(folder="missing", limit=0)
+    for index, picture in enumerate(_three_images()):
+        picture.save(tmp_path / "input" / "set" / f"{index}.png")
+    images, names = load.run(folder="set", limit=2).values
+    assert names == ["0", "1"] and [tuple(i.shape) for i in images] == [(1, 60, 80, 3)] * 2
+    with pytest.raises(ValueError, match="2 images but 1 captions"):
+        save.run(images=images, captions=["one"], folder=["out"])
+    with pytest.raises(ValueError, match="leaves"):
+        save.run(images=images, captions=["a", "b"], folder=["../../x"])
+    with pytest.raises(ValueError, match="plain file name"):
+        save.run(images=images, captions=["a", "b"], folder=["out"], names=["ok", "../bad"])
+    save.run(images=images, captions=["a", "b"], folder=["out"])  # no names: numbered
+    assert sorted(p.name for p in (tmp_path / "output" / "out").iterdir()) == [
+        "image_00001.png", "image_00001.txt", "image_00002.png", "image_00002.txt"
+    ]
+
+
+def test_interrupt_stops_per_image_captioning(model: Any) -> None:
+    pictures = pils_to_tensor(_three_images())
+    request_interrupt()
+    with pytest.raises(ProcessingInterrupted):
+        _understand(model, pictures, per_image=True)
+    assert len(_understand(model, pictures, per_image=True)) == 3

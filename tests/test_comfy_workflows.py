@@ -25,8 +25,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from nodes import all_specs  # noqa: E402
-from nodes.schema import NodeResult, NodeSpec  # noqa: E402
+from nodes.schema import NodeResult, NodeSpec, list_rows  # noqa: E402
 from workflows.tools.core_nodes import CORE_NODES, VIRTUAL_NODES  # noqa: E402
+from workflows.tools.definitions import CAPTION_FOLDER  # noqa: E402
 
 TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
 API_DIR = ROOT / "workflows" / "api"
@@ -39,7 +40,7 @@ SPECS: dict[str, NodeSpec] = {spec.node_id: spec for spec in all_specs()}
 FAST = {
     "InternVLU_Understand": {"max_new_tokens": 8},
     "InternVLU_Reason": {"max_new_tokens": 8},
-    "InternVLU_Generate": {"width": 64, "height": 64, "steps": 2},
+    "InternVLU_Generate": {"resolution": "custom (width x height)", "width": 64, "height": 64, "steps": 2},
     "InternVLU_Edit": {"steps": 2},
 }
 EXAMPLE_SOURCE = TINY / "inputs" / "img_fox_80x60.png"
@@ -67,10 +68,19 @@ def fast_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
 
 
 class CoreNodes:
-    """Minimal equivalents of LoadImage, SaveImage, PreviewImage, ImageInvert and ImageBatch."""
+    """Minimal equivalents of LoadImage, SaveImage, PreviewImage, ImageInvert, ImageBatch, VAELoader
+    and VAEDecode (decoding with the loaded pipeline's VAE: ComfyUI's own decode is checked by
+    test_comfy_latents.py against a real ComfyUI)."""
 
-    def __init__(self, input_dir: Path) -> None:
+    def __init__(self, input_dir: Path, pipe: Any) -> None:
         self.input_dir = input_dir
+        self.pipe = pipe
+
+    def VAELoader(self, vae_name: str) -> NodeResult:
+        return NodeResult((self.pipe,))
+
+    def VAEDecode(self, samples: dict[str, torch.Tensor], vae: Any) -> NodeResult:
+        return NodeResult((pil_tensor(vae.decode_latents(vae.from_vae_latents(samples["samples"]))),))
 
     def LoadImage(self, image: str) -> NodeResult:
         picture = Image.open(self.input_dir / image).convert("RGB")
@@ -112,13 +122,17 @@ def validate_widget(spec: NodeSpec, name: str, value: Any) -> None:
 
 
 class Executor:
-    """Runs an API-format prompt: the outputs' dependencies, each node once, links resolved."""
+    """Runs an API-format prompt: the outputs' dependencies, each node once, links resolved.
+
+    Values travel as lists, as in ComfyUI: a node without ``is_input_list`` runs once per row of its
+    inputs (shorter lists repeat their last item) and list outputs are concatenated.
+    """
 
     def __init__(self, core_nodes: CoreNodes) -> None:
         self.core_nodes = core_nodes
 
     def run(self, prompt: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """node id -> {"outputs": tuple, "text": str | None, "class_type": str}."""
+        """node id -> {"outputs": one list per output slot, "text": [shown texts], "class_type": str}."""
         results: dict[str, dict[str, Any]] = {}
         for node_id, node in prompt.items():
             if self._is_output_node(node["class_type"]):
@@ -131,31 +145,39 @@ class Executor:
             return SPECS[class_type].output_node
         return CORE_NODES[class_type].get("output_node", False)
 
-    def _evaluate(self, prompt: dict, node_id: str, results: dict) -> tuple:
+    def _evaluate(self, prompt: dict, node_id: str, results: dict) -> list[list[Any]]:
         if node_id in results:
             return results[node_id]["outputs"]
         node = prompt[node_id]
-        kwargs = {}
+        inputs: dict[str, list[Any]] = {}
         for name, value in node["inputs"].items():
             if isinstance(value, list):
                 source, slot = value
-                kwargs[name] = self._evaluate(prompt, str(source), results)[slot]
+                inputs[name] = self._evaluate(prompt, str(source), results)[slot]
             else:
-                kwargs[name] = value
+                inputs[name] = [value]
         class_type = node["class_type"]
-        if class_type in SPECS:
-            spec = SPECS[class_type]
+        spec = SPECS.get(class_type)
+        if spec is not None:
             for inp in spec.inputs:
-                assert inp.optional or inp.name in kwargs, f"{class_type}: missing {inp.name}"
+                assert inp.optional or inp.name in inputs, f"{class_type}: missing {inp.name}"
             for name, value in node["inputs"].items():
                 if not isinstance(value, list):
                     validate_widget(spec, name, value)
-            result = spec.run(**kwargs)
-            assert len(result.values) == len(spec.outputs)
-        else:
-            result = getattr(self.core_nodes, class_type)(**kwargs)
-        results[node_id] = {"outputs": result.values, "text": result.text, "class_type": class_type}
-        return result.values
+        calls = [inputs] if spec is not None and spec.input_is_list else list_rows(inputs)
+        slots = len(spec.outputs) if spec is not None else len(CORE_NODES[class_type]["outputs"])
+        is_list = [o.is_list for o in spec.outputs] if spec is not None else [False] * slots
+        outputs: list[list[Any]] = [[] for _ in range(slots)]
+        texts: list[str] = []
+        for call in calls:
+            result = spec.run(**call) if spec is not None else getattr(self.core_nodes, class_type)(**call)
+            assert len(result.values) == slots
+            for slot, value in enumerate(result.values):
+                outputs[slot] += value if is_list[slot] else [value]
+            if result.text is not None:
+                texts.append(result.text)
+        results[node_id] = {"outputs": outputs, "text": texts, "class_type": class_type}
+        return outputs
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -171,15 +193,29 @@ def comfy_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     inputs = base / "input"
     inputs.mkdir()
     shutil.copy(EXAMPLE_SOURCE, inputs / "example.png")
+    make_caption_folder(inputs / CAPTION_FOLDER)
     patch = pytest.MonkeyPatch()
     patch.setenv("INTERNVLU_MODELS_DIR", str(models))
-    yield {"models": models, "input": inputs}
+    patch.setenv("INTERNVLU_INPUT_DIR", str(inputs))
+    patch.setenv("INTERNVLU_OUTPUT_DIR", str(base / "output"))
+    yield {"models": models, "input": inputs, "output": base / "output"}
     patch.undo()
 
 
+CAPTION_NAMES = ("a_fox", "b_lake", "c_fox_inverted")
+
+
+def make_caption_folder(folder: Path) -> None:
+    """Three images, two of one size (batched together) and one of another, plus a non-image file."""
+    folder.mkdir()
+    for name, picture in zip(CAPTION_NAMES, caption_pictures()):
+        picture.save(folder / f"{name}.png")
+    (folder / "notes.txt").write_text("not an image")
+
+
 @pytest.fixture(scope="module")
-def executor(comfy_env: dict[str, Path]) -> Executor:
-    return Executor(CoreNodes(comfy_env["input"]))
+def executor(comfy_env: dict[str, Path], pipe: Any) -> Executor:
+    return Executor(CoreNodes(comfy_env["input"], pipe))
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +250,14 @@ def _text_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _draw_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
+    from nodes.image_nodes import PRESET_SIZES
+
+    width, height = PRESET_SIZES.get(inputs["resolution"], (inputs["width"], inputs["height"]))
+    if inputs["resolution"] == "same as input":
+        width = height = 0
     return {
-        "width": inputs["width"] or None,
-        "height": inputs["height"] or None,
+        "width": width or None,
+        "height": height or None,
         "steps": inputs["steps"],
         "all_cfg_scale": inputs["all_cfg_scale"] or None,
         "part_cfg_scale": inputs["part_cfg_scale"] or None,
@@ -259,7 +300,20 @@ def expected_outputs(name: str, prompt: dict, pipe: Any) -> dict[str, Any]:
         answer = pipe.understand([fox], q_inputs["question"], **_text_kwargs(q_inputs))
         images = pipe.edit([fox], answer, **_draw_kwargs(_inputs(prompt, node)))
         return {ask: answer, node: pil_tensor(images)}
+    if name == "internvlu_caption_folder":
+        node = _find(prompt, "InternVLU_Understand")
+        inputs = _inputs(prompt, node)
+        return {node: [pipe.understand([p], inputs["question"], **_text_kwargs(inputs)) for p in caption_pictures()]}
+    if name == "internvlu_latent_vae_decode":
+        node = _find(prompt, "InternVLU_Generate")
+        inputs = _inputs(prompt, node)
+        return {node: pil_tensor(pipe.generate(inputs["prompt"], **_draw_kwargs(inputs)))}
     raise AssertionError(f"no expectation for workflow {name}")
+
+
+def caption_pictures() -> list[Image.Image]:
+    fox = example()
+    return [fox, Image.open(TINY / "inputs" / "img_lake_70x70.png").convert("RGB"), ImageOps.invert(fox)]
 
 
 # --- execution ------------------------------------------------------------------------------
@@ -268,9 +322,11 @@ def expected_outputs(name: str, prompt: dict, pipe: Any) -> dict[str, Any]:
 def test_every_workflow_has_an_expectation() -> None:
     assert WORKFLOW_NAMES == sorted(
         [
+            "internvlu_caption_folder",
             "internvlu_describe_then_edit",
             "internvlu_edit",
             "internvlu_image_qa",
+            "internvlu_latent_vae_decode",
             "internvlu_multi_image_compare",
             "internvlu_reasoning_edit",
             "internvlu_reasoning_text_to_image",
@@ -286,36 +342,58 @@ def test_api_workflow_runs_and_matches_the_core(name: str, executor: Executor, p
     expected = expected_outputs(name, prompt, pipe)
     for node_id, want in expected.items():
         outputs = results[node_id]["outputs"]
-        if isinstance(want, str):
+        if isinstance(want, (str, list)):
+            want = [want] if isinstance(want, str) else want
             got = outputs[0] if results[node_id]["class_type"] != "InternVLU_Reason" else outputs[1]
-            assert isinstance(got, str)
             assert got == want
-            assert results[node_id]["text"] == want  # shown on the node
+            assert results[node_id]["text"] == ["\n\n".join(want)]  # shown on the node
         else:
-            images = outputs[0]
+            (images,) = outputs[0]
             assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[-1] == 3
             assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
             assert torch.equal(images, want)
-    if name == "internvlu_edit":  # width = height = 0: the input image's size
+    if name == "internvlu_edit":  # resolution "same as input": the input image's size
         fox = example()
-        assert tuple(results[_find(prompt, "InternVLU_Edit")]["outputs"][0].shape) == (
-            1,
-            fox.height,
-            fox.width,
-            3,
-        )
+        assert tuple(results[_find(prompt, "InternVLU_Edit")]["outputs"][0][0].shape) == (1, fox.height, fox.width, 3)
     for node in prompt.values():
         if node["class_type"] in ("SaveImage", "PreviewImage"):
             source, slot = node["inputs"]["images"]
-            assert results[str(source)]["outputs"][slot].ndim == 4
+            assert all(image.ndim == 4 for image in results[str(source)]["outputs"][slot])
+
+
+def test_caption_folder_writes_one_txt_per_image(executor: Executor, pipe: Any, comfy_env: dict[str, Path]) -> None:
+    prompt = fast_prompt(load_api("internvlu_caption_folder"))
+    results = executor.run(prompt)
+    question = _inputs(prompt, _find(prompt, "InternVLU_Understand"))["question"]
+    folder = comfy_env["output"] / "captions"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{name}{suffix}" for name in CAPTION_NAMES for suffix in (".png", ".txt")
+    )
+    kwargs = _text_kwargs(_inputs(prompt, _find(prompt, "InternVLU_Understand")))
+    for name, picture in zip(CAPTION_NAMES, caption_pictures()):
+        caption = (folder / f"{name}.txt").read_text(encoding="utf-8")
+        assert caption == pipe.understand([picture], question, **kwargs).strip() + "\n"
+        assert np.array_equal(np.asarray(Image.open(folder / f"{name}.png")), np.asarray(picture))
+    assert results[_find(prompt, "InternVLU_SaveCaptions")]["outputs"][0] == [str(folder)]
+
+
+def test_latent_output_decodes_to_the_generated_images(executor: Executor) -> None:
+    prompt = fast_prompt(load_api("internvlu_latent_vae_decode"))
+    results = executor.run(prompt)
+    generate = _find(prompt, "InternVLU_Generate")
+    (images,), (latent,) = results[generate]["outputs"]
+    assert latent["samples"].dtype == torch.float32 and latent["samples"].shape == (1, 4, 1, 8, 8)
+    (decoded,) = results[_find(prompt, "VAEDecode")]["outputs"][0]
+    assert (decoded * 255 - images * 255).abs().max() <= 1.0
 
 
 def test_generate_batch_size(executor: Executor, pipe: Any) -> None:
     prompt = fast_prompt(load_api("internvlu_text_to_image"))
     node = _find(prompt, "InternVLU_Generate")
-    prompt[node]["inputs"].update(batch_size=2, width=48, height=32, steps=1)
-    images = executor.run(prompt)[node]["outputs"][0]
+    prompt[node]["inputs"].update(resolution="custom (width x height)", batch_size=2, width=48, height=32, steps=1)
+    (images,), (latent,) = executor.run(prompt)[node]["outputs"]
     assert tuple(images.shape) == (2, 32, 48, 3)
+    assert tuple(latent["samples"].shape) == (2, 4, 1, 4, 6)
 
 
 # --- UI files -------------------------------------------------------------------------------

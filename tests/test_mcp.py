@@ -29,7 +29,7 @@ from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult
 from PIL import Image
 
-from internvl_u_core import InternVLUPipeline
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline
 from internvl_u_core.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,8 +134,11 @@ def test_lists_four_tools_with_bounds_from_the_core_limits(session: Session, tin
 
     generate = tools["generate_image"].input_schema["properties"]
     assert generate["width"]["anyOf"][0]["maximum"] == limits.max_side
+    assert generate["width"]["anyOf"][0]["minimum"] == limits.min_side
+    assert generate["seed"]["anyOf"][0]["maximum"] == limits.max_seed
+    assert generate["guidance_scale"]["anyOf"][0]["maximum"] == limits.max_guidance_scale
     assert generate["steps"]["anyOf"][0] == {"maximum": limits.max_steps, "minimum": 1, "type": "integer"}
-    assert generate["num_images"]["anyOf"][0]["maximum"] == limits.max_images_per_prompt
+    assert generate["num_images"]["anyOf"][0]["maximum"] == limits.max_output_images
     assert generate["prompt"]["maxLength"] == limits.max_prompt_chars
     assert tools["generate_image"].input_schema["required"] == ["prompt"]
     understand = tools["understand_image"].input_schema["properties"]
@@ -285,7 +288,7 @@ def test_bad_references_are_explained(session: Session, tool: str, arguments: di
         ("generate_image", {"prompt": "x", "width": 4097}, "width"),
         ("generate_image", {"prompt": "x", "steps": 0}, "steps"),
         ("generate_image", {"prompt": "x", "steps": 1001}, "steps"),
-        ("generate_image", {"prompt": "x", "num_images": 17}, "num_images"),
+        ("generate_image", {"prompt": "x", "num_images": DEFAULT_LIMITS.max_output_images + 1}, "num_images"),
         ("generate_image", {"prompt": "x", "seed": -1}, "seed"),
         ("edit_image", {"images": [], "instruction": "x"}, "images"),
         ("understand_image", {"images": ["fox.png"], "question": "?", "max_new_tokens": 40000}, "max_new_tokens"),
@@ -414,7 +417,7 @@ def _accepting(port: int) -> bool:
 def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "mcp", None)  # as if the extra were not installed
     assert cli_main(["mcp", "--model", str(CHECKPOINT)]) == 1
-    assert capsys.readouterr().err.strip().endswith('pip install "internvl-u[mcp]"')
+    assert capsys.readouterr().err.strip().endswith('pip install "mcp>=2.0,<3"')
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def test_generate_batch_edits_with_different_inputs_and_reasonings(tiny_pipe):
     ({"prompts": ["a", "b"], "seeds": [1, 2], "images": [[Image.new("RGB", (8, 8))], []]}, "images"),
     ({"prompts": ["a", "b"], "seeds": [1, 2], "reasonings": [Reasoning("t", (1,), "a", 0), None]}, "reasonings"),
     ({"prompts": ["a", "b"], "seeds": [1, 2],
-      "images": [[Image.new("RGB", (8, 8))], [Image.new("RGB", (16, 8))]]}, "width/height"),
+      "images": [[Image.new("RGB", (20, 20))], [Image.new("RGB", (30, 20))]]}, "width/height"),
     ({"prompts": [], "seeds": []}, "prompts"),
 ])
 def test_generate_batch_refuses_what_cannot_share_a_pass(tiny_pipe, kwargs, message):

@@ -250,10 +250,11 @@ def test_config_fields():
     assert (cfg.gen_image_height, cfg.gen_image_width) == (64, 64)
     assert cfg.input_hidden_size == 128 and cfg.decoder_projector_type == "identity"
     assert cfg.vlm_cond_position_scale_factor == 0.25 and cfg.video_position_scale_factor == 1.0
-    assert cfg.timestep_scale == pytest.approx(0.001)
-    assert (cfg.patch_size, cfg.in_channels, cfg.out_channels, cfg.latent_channels) == (2, 16, 4, 4)
-    assert model.decoder.config.vlm_cond_position_scale_factor == 0.25
-    assert _decoder("internvlu-tiny").config.timestep_scale == 1.0
+    dit = model.decoder
+    assert dit.config.timestep_scale == pytest.approx(0.001)
+    assert (dit.config.patch_size, dit.config.in_channels, dit.config.out_channels, dit.latent_channels) == (2, 16, 4, 4)
+    assert dit.config.vlm_cond_position_scale_factor == 0.25
+    assert _decoder("internvlu-tiny").decoder.config.timestep_scale == 1.0
 
 
 def test_outer_scale_factors_overwrite_decoder_config():
@@ -283,7 +284,7 @@ def test_mlp_projector_parameter_names():
 
 def test_vit_block_positions_with_scale():
     """A complete ViT run gets the stretched grid at frame `cur`; text resumes after its maximum."""
-    decoder = InternVLUTransformer2DModel.from_config_dict(
+    decoder = InternVLUTransformer2DModel.from_config(
         {"num_layers": 1, "attention_head_dim": 16, "num_attention_heads": 1, "axes_dims_rope": [4, 6, 6],
          "in_channels": 16, "out_channels": 4, "joint_attention_dim": 8, "vlm_cond_position_scale_factor": 0.25}
     )
@@ -308,7 +309,7 @@ def test_vit_block_positions_with_scale():
 
 
 def test_half_precision_runs():
-    decoder = InternVLUTransformer2DModel.from_config_dict(
+    decoder = InternVLUTransformer2DModel.from_config(
         json.loads((FIXTURES / "internvlu-tiny" / "checkpoint" / "generation_decoder" / "config.json").read_text())[
             "decoder_config"
         ]

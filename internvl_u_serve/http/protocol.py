@@ -23,6 +23,7 @@ from PIL import Image
 
 from internvl_u_core import InternVLUError, Reasoning
 from internvl_u_core import validation as check
+from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 
 from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
 
@@ -177,7 +178,7 @@ def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, h
     return {
         "width": width,
         "height": height,
-        "steps": fields.integer("num_inference_steps", 1, limits.max_steps, default=20),
+        "steps": fields.integer("num_inference_steps", 1, limits.max_steps, default=DEFAULT_STEPS),
         "all_cfg_scale": fields.number("all_cfg_scale"),
         "part_cfg_scale": fields.number("part_cfg_scale"),
         "timestep_trunc": fields.number("timestep_trunc"),
@@ -185,9 +186,9 @@ def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, h
     }
 
 
-def seed_of(fields: Fields) -> int:
+def seed_of(fields: Fields, limits: check.Limits) -> int:
     """The request's seed, or a fresh random one (every draw job carries its own seed)."""
-    seed = fields.integer("seed", 0, check.MAX_SEED)
+    seed = fields.integer("seed", 0, limits.max_seed)
     return secrets.randbelow(2**63) if seed is None else seed
 
 
@@ -198,14 +199,15 @@ def think_settings(fields: Fields, settings: ServerSettings, reasoning: Reasonin
         raise bad_request("think", "think: give either think=true (reason now) or a reasoning (reasoned before)")
     if reasoning is not None or not (settings.think if think is None else think):
         return None
-    return {"max_new_tokens": fields.integer("max_tokens", 1, settings.limits.max_new_tokens, default=200)}
+    return {"max_new_tokens": fields.integer("max_tokens", 1, settings.limits.max_new_tokens,
+                                             default=DEFAULT_REASONING_TOKENS)}
 
 
 def size_of(fields: Fields, settings: ServerSettings) -> tuple[int | None, int | None]:
     """``size`` "WxH" (or "auto"), or the ``width``/``height`` extension fields."""
     size = fields.raw("size")
-    width = fields.integer("width", 1, settings.limits.max_side)
-    height = fields.integer("height", 1, settings.limits.max_side)
+    width = fields.integer("width", settings.limits.min_side, settings.limits.max_side)
+    height = fields.integer("height", settings.limits.min_side, settings.limits.max_side)
     if size is None or size == "auto":
         return width, height
     if width is not None or height is not None:
@@ -344,10 +346,10 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
         if stream:
             raise bad_request("stream", "stream: streaming is available for text answers only")
         reasoning = parse_reasoning(fields)
-        settings_ = draw_settings(fields, settings, fields.integer("width", 1, limits.max_side),
-                                  fields.integer("height", 1, limits.max_side))
+        settings_ = draw_settings(fields, settings, fields.integer("width", limits.min_side, limits.max_side),
+                                  fields.integer("height", limits.min_side, limits.max_side))
         work = DrawWork(
-            prompt=text, images=[], seed=seed_of(fields), num_images=n, settings=settings_,
+            prompt=text, images=[], seed=seed_of(fields, limits), num_images=n, settings=settings_,
             system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
         )
         return ChatRequest(work, image_urls, stream=False, n=n)
@@ -356,7 +358,7 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
     reason = bool(fields.boolean("think", default=False))
     max_tokens = fields.integer("max_completion_tokens", 1, limits.max_new_tokens)
     max_tokens = fields.integer("max_tokens", 1, limits.max_new_tokens, default=max_tokens)
-    sampling = {"max_new_tokens": max_tokens if max_tokens is not None else (200 if reason else 256)}
+    sampling = {"max_new_tokens": max_tokens if max_tokens is not None else (DEFAULT_REASONING_TOKENS if reason else DEFAULT_ANSWER_TOKENS)}
     sampling.update(_sampling(fields, limits))
     work = TextWork(task="reason" if reason else "understand", prompt=text, images=[],
                     system_prompt=system_prompt, sampling=sampling, stream=stream)
@@ -372,7 +374,7 @@ def _sampling(fields: Fields, limits: check.Limits) -> dict:
     do_sample = fields.boolean("do_sample")
     if do_sample is None:
         do_sample = bool(temperature) or (top_p is not None and top_p < 1)
-    out = {"do_sample": do_sample, "seed": fields.integer("seed", 0, check.MAX_SEED)}
+    out = {"do_sample": do_sample, "seed": fields.integer("seed", 0, limits.max_seed)}
     if temperature:
         out["temperature"] = temperature
     if top_p is not None:
@@ -532,7 +534,7 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
     steps_field = draw_settings(fields, settings, width, height)
     previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
     work = DrawWork(
-        prompt=prompt, images=images, seed=seed_of(fields), num_images=n, settings=steps_field,
+        prompt=prompt, images=images, seed=seed_of(fields, limits), num_images=n, settings=steps_field,
         system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
         previews=previews, stream=stream,
     )

@@ -18,7 +18,6 @@ content. Argument bounds come from the model's `limits` (`internvl_u_core.valida
 
 import base64
 import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Protocol
@@ -30,13 +29,10 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, T
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from internvl_u_core import InvalidInputError, InvalidInputTypeError, Reasoning, __version__
+from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, random_seed
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
-from internvl_u_core.validation import MAX_SEED, Limits
 from internvl_u_serve.mcp.jobs import JobRunner, StepReporter
-
-_RANDOM_SEEDS = 2**53  # random seeds stay exact in every JSON client, so they can be sent back
 
 
 class InternVLUModel(Protocol):
@@ -286,7 +282,7 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         ]
 
     def side(description: str) -> Any:
-        return Annotated[int | None, Field(ge=1, le=limits.max_side, description=description)]
+        return Annotated[int | None, Field(ge=limits.min_side, le=limits.max_side, description=description)]
 
     steps = Annotated[
         int | None,
@@ -298,16 +294,17 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
     ]
     seed = Annotated[
         int | None,
-        Field(ge=0, le=MAX_SEED, description="Random seed for a reproducible result; omit for a random one (reported)."),
+        Field(ge=0, le=limits.max_seed, description="Random seed for a reproducible result; omit for a random one (reported)."),
     ]
     num_images = Annotated[
         int | None,
-        Field(ge=1, le=limits.max_images_per_prompt, description="How many variants to make (default 1)."),
+        Field(ge=1, le=limits.max_output_images, description="How many variants to make (default 1)."),
     ]
     guidance = Annotated[
         float | None,
         Field(
             ge=0.0,
+            le=limits.max_guidance_scale,
             allow_inf_nan=False,
             description="How closely to follow the text; omit for the model default (4.5, 3.5 with reasoning).",
         ),
@@ -316,6 +313,7 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         float | None,
         Field(
             ge=0.0,
+            le=limits.max_guidance_scale,
             allow_inf_nan=False,
             description="How closely to keep the input image(s); omit for the model default (2.0, 1.5 with reasoning).",
         ),
@@ -447,7 +445,7 @@ def _given(**arguments: Any) -> dict[str, Any]:
 
 
 def _seed(requested: int | None) -> int:
-    return requested if requested is not None else secrets.randbelow(_RANDOM_SEEDS)
+    return requested if requested is not None else random_seed()
 
 
 def _info(image: StoredImage) -> ImageInfo:

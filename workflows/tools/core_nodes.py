@@ -1,8 +1,9 @@
 """The ComfyUI core nodes the workflows use, as the frontend and the server see them.
 
 ``inputs``: (name, type) in ``input_order``; ``ui_widgets``: frontend-only widgets stored in
-``widgets_values`` but not sent to the server. The real-ComfyUI test checks this table against
-``GET /object_info``.
+``widgets_values`` but not sent to the server; ``outputs``: the leading outputs the workflows use
+(newer ComfyUI appends some, e.g. SaveImage's IMAGE). The real-ComfyUI test checks this table
+against ``GET /object_info``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ CORE_NODES: dict[str, dict] = {
     },
     "ImageInvert": {
         "inputs": [("image", "IMAGE")],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
+    "VAELoader": {
+        "inputs": [("vae_name", "COMBO")],
+        "outputs": [("VAE", "VAE")],
+    },
+    "VAEDecode": {
+        "inputs": [("samples", "LATENT"), ("vae", "VAE")],
         "outputs": [("IMAGE", "IMAGE")],
     },
     "ImageBatch": {

@@ -7,6 +7,8 @@ from typing import Any
 
 MODEL_FOLDER = "InternVL-U"
 EXAMPLE_IMAGE = "example.png"  # ships in ComfyUI's input/ folder
+CAPTION_FOLDER = "dataset"  # a folder of images the user puts in ComfyUI's input/ folder
+QWEN_IMAGE_VAE = "qwen_image_vae.safetensors"  # ComfyUI's Qwen-Image VAE file, in models/vae/
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ def _text_controls(max_new_tokens: int) -> dict[str, Any]:
     }
 
 
-def _image_controls(width: int, height: int, seed: int) -> dict[str, Any]:
+def _image_controls(width: int, height: int, seed: int, resolution: str) -> dict[str, Any]:
     return {
+        "resolution": resolution,
         "width": width,
         "height": height,
         "steps": 20,
@@ -93,6 +96,7 @@ IMAGE_QA = Workflow(
                 "image": Link(2),
                 "question": "Describe this image in detail.",
                 **_text_controls(256),
+                "per_image": False,
             },
         ),
     ],
@@ -117,6 +121,7 @@ MULTI_IMAGE = Workflow(
                 "image": Link(4),
                 "question": "These are two pictures. Tell me the difference between them.",
                 **_text_controls(256),
+                "per_image": False,
             },
         ),
     ],
@@ -134,7 +139,7 @@ TEXT_TO_IMAGE = Workflow(
             {
                 "model": Link(1),
                 "prompt": "A red fox sitting in the snow under a pine tree, morning light",
-                **_image_controls(1024, 1024, 42),
+                **_image_controls(1024, 1024, 42, "1:1 (1024x1024)"),
             },
         ),
         _save(3, 2, "InternVL-U/t2i"),
@@ -164,7 +169,7 @@ REASONING_TEXT_TO_IMAGE = Workflow(
             {
                 "model": Link(1),
                 "prompt": "",
-                **_image_controls(1024, 1024, 42),
+                **_image_controls(1024, 1024, 42, "1:1 (1024x1024)"),
                 "reasoning": Link(2, 0),
             },
         ),
@@ -186,7 +191,7 @@ EDIT = Workflow(
                 "model": Link(1),
                 "image": Link(2),
                 "instruction": "Make the sky purple and add a glowing moon.",
-                **_image_controls(0, 0, 123),
+                **_image_controls(0, 0, 123, "same as input"),
             },
         ),
         _save(4, 3, "InternVL-U/edit"),
@@ -218,7 +223,7 @@ REASONING_EDIT = Workflow(
                 "model": Link(1),
                 "image": Link(2),
                 "instruction": "",
-                **_image_controls(0, 0, 123),
+                **_image_controls(0, 0, 123, "same as input"),
                 "reasoning": Link(3, 0),
             },
         ),
@@ -242,6 +247,7 @@ DESCRIBE_THEN_EDIT = Workflow(
                 "question": "Suggest one short instruction that would make this picture more "
                 "dramatic. Answer with the instruction only.",
                 **_text_controls(64),
+                "per_image": False,
             },
         ),
         Node(
@@ -251,10 +257,63 @@ DESCRIBE_THEN_EDIT = Workflow(
                 "model": Link(1),
                 "image": Link(2),
                 "instruction": Link(3, 0),
-                **_image_controls(0, 0, 7),
+                **_image_controls(0, 0, 7, "same as input"),
             },
         ),
         _save(5, 4, "InternVL-U/describe_edit"),
+    ],
+)
+
+CAPTION_FOLDER_WORKFLOW = Workflow(
+    "internvlu_caption_folder",
+    "InternVL-U: caption a folder of images",
+    f"Captions every image of ComfyUI/input/{CAPTION_FOLDER} (one answer per image: Understand's "
+    "per_image mode, images of equal size batched) and saves each as <name>.png with its caption in "
+    "<name>.txt in ComfyUI/output/captions, the layout LoRA trainers read. The progress bar counts "
+    "images; Cancel stops before anything is written.",
+    [
+        _loader(),
+        Node(2, "InternVLU_LoadImageFolder", {"folder": CAPTION_FOLDER, "limit": 0}),
+        Node(
+            3,
+            "InternVLU_Understand",
+            {
+                "model": Link(1),
+                "image": Link(2, 0),
+                "question": "Write a one-sentence caption of this image for a training dataset.",
+                **_text_controls(96),
+                "per_image": True,
+            },
+        ),
+        Node(
+            4,
+            "InternVLU_SaveCaptions",
+            {"images": Link(2, 0), "captions": Link(3, 0), "folder": "captions", "names": Link(2, 1)},
+        ),
+    ],
+)
+
+LATENT_TO_VAE_DECODE = Workflow(
+    "internvlu_latent_vae_decode",
+    "InternVL-U: latent to ComfyUI's VAE Decode",
+    "Generate's 'latent' output is a native Qwen-Image VAE latent: ComfyUI's own VAE Decode (with "
+    f"models/vae/{QWEN_IMAGE_VAE}) turns it into the same picture as Generate's 'images'. Core latent "
+    "nodes (upscale, tiled decode) can sit in between.",
+    [
+        _loader(),
+        Node(
+            2,
+            "InternVLU_Generate",
+            {
+                "model": Link(1),
+                "prompt": "A lighthouse on a cliff at dusk, warm light in the windows",
+                **_image_controls(1024, 1024, 42, "16:9 (1344x768)"),
+            },
+        ),
+        Node(3, "VAELoader", {"vae_name": QWEN_IMAGE_VAE}),
+        Node(4, "VAEDecode", {"samples": Link(2, 1), "vae": Link(3)}),
+        _save(5, 4, "InternVL-U/vae_decode"),
+        _save(6, 2, "InternVL-U/generate"),
     ],
 )
 
@@ -266,4 +325,6 @@ WORKFLOWS = [
     EDIT,
     REASONING_EDIT,
     DESCRIBE_THEN_EDIT,
+    CAPTION_FOLDER_WORKFLOW,
+    LATENT_TO_VAE_DECODE,
 ]

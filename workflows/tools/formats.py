@@ -23,6 +23,7 @@ class SlotInfo:
     optional: bool = False
     widget: bool = False
     control: str | None = None  # default mode of a control_after_generate companion
+    is_list: bool = False  # an output list (drawn with the grid-shaped socket)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _from_spec(spec: NodeSpec) -> NodeInfo:
     inputs = [
         SlotInfo(i.name, i.type, i.optional, i.is_widget, _control_mode(i.control_after_generate)) for i in spec.inputs
     ]
-    return NodeInfo(inputs, [SlotInfo(o.name, o.type) for o in spec.outputs], [])
+    return NodeInfo(inputs, [SlotInfo(o.name, o.type, is_list=o.is_list) for o in spec.outputs], [])
 
 
 def node_info(node_type: str) -> NodeInfo:
@@ -183,6 +184,7 @@ def to_ui(workflow: Workflow) -> dict[str, Any]:
                 "type": slot.type,
                 "links": out_links.get((ui_node["id"], index)),
                 "slot_index": index,
+                **({"shape": 6} if slot.is_list else {}),
             }
             for index, slot in enumerate(info.outputs)
         ]
