@@ -1,4 +1,4 @@
-"""What the serving commands share: the model options and loading the pipeline before serving.
+"""What the serving commands share: the model options and loading the model before serving.
 
 Imports nothing heavy at module level (the commands are registered on every ``internvl-u`` call).
 """
@@ -6,16 +6,25 @@ Imports nothing heavy at module level (the commands are registered on every ``in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from internvl_u_core.cli import MODEL_ENV
+from internvl_u_core.remote import API_KEY_ENV, is_server_url
+
+#: The options that only describe loading a checkpoint here, as (attribute, flag, default).
+_LOADING_OPTIONS = (("dtype", "--dtype", "auto"), ("device", "--device", None), ("offline", "--offline", False),
+                    ("revision", "--revision", None), ("offload", "--offload", False))
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
+    """``--model`` and the loading options; with ``remote`` ``--model`` may also be a server's URL."""
+    served = (f", or the URL of an 'internvl-u serve' server (http://host:8091; its key is read from "
+              f"${API_KEY_ENV})") if remote else ""
     parser.add_argument(
         "--model", default=os.environ.get(MODEL_ENV),
-        help=f"checkpoint folder in the released layout, or a Hugging Face hub id (default: ${MODEL_ENV})",
+        help=f"checkpoint folder in the released layout, or a Hugging Face hub id{served} (default: ${MODEL_ENV})",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -27,6 +36,29 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="keep components in CPU memory and move each to the GPU only while it runs")
 
 
+def model_problem(args: argparse.Namespace, *, remote: bool = False) -> str | None:
+    """Why ``--model`` and the loading options cannot work together, or None."""
+    if not args.model:
+        return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
+    if not is_server_url(args.model):
+        return None
+    if not remote:
+        return f"--model {args.model!r} is a URL; this command serves a checkpoint folder or hub id"
+    given = [flag for name, flag, default in _LOADING_OPTIONS if getattr(args, name) != default]
+    if given:
+        return f"{', '.join(given)} apply to a model loaded here; a served model ({args.model}) is set up on its server"
+    return None
+
+
+def load_model(args: argparse.Namespace, command: str):
+    """The model the options describe: a ``RemoteInternVLU`` for a server's URL, else the loaded pipeline."""
+    if is_server_url(args.model):
+        from internvl_u_core import RemoteInternVLU
+
+        return RemoteInternVLU(args.model)
+    return load_pipeline(args, command)
+
+
 def load_pipeline(args: argparse.Namespace, command: str):
     """The pipeline the options describe, loaded with progress lines on stderr."""
     from internvl_u_core import InternVLUPipeline
@@ -34,10 +66,12 @@ def load_pipeline(args: argparse.Namespace, command: str):
     def progress(message: str) -> None:
         print(f"internvl-u {command}: {message}", file=sys.stderr, flush=True)
 
-    pipe = InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
-        local_files_only=args.offline, revision=args.revision, progress=progress,
-    )
-    if args.offload:
-        pipe.enable_model_cpu_offload(args.device or "cuda")
+    # MCP's stdio mode speaks on stdout: nothing printed while loading may reach it.
+    with contextlib.redirect_stdout(sys.stderr):
+        pipe = InternVLUPipeline.from_pretrained(
+            args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
+            local_files_only=args.offline, revision=args.revision, progress=progress,
+        )
+        if args.offload:
+            pipe.enable_model_cpu_offload(args.device or "cuda")
     return pipe

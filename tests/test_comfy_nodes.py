@@ -37,6 +37,7 @@ def test_node_set() -> None:
         "InternVLU_LoadImageFolder",
         "InternVLU_Loader",
         "InternVLU_Reason",
+        "InternVLU_RemoteLoader",
         "InternVLU_SaveCaptions",
         "InternVLU_Understand",
         "InternVLU_Unload",
