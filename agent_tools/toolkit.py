@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.tools import BaseTool, BaseToolkit
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from agent_tools.session import InternVLUSession, ReturnImages, ToolLimits
 from agent_tools.tools import EditImageTool, GenerateImageTool, ReasonTool, UnderstandImageTool
@@ -19,7 +19,8 @@ class InternVLUToolkit(BaseToolkit):
     Example:
         ```python
         toolkit = InternVLUToolkit(
-            model="InternVL-U/InternVL-U",  # the default; or a checkpoint folder, or a loaded InternVLUPipeline
+            model="InternVL-U/InternVL-U",  # the default; or a checkpoint folder, a loaded InternVLUPipeline,
+                                            # or a server: "http://gpu-box:8091" (internvl-u serve)
             output_dir="outputs",
             allowed_dirs=["uploads"],
         )
@@ -31,8 +32,13 @@ class InternVLUToolkit(BaseToolkit):
 
     model: Any = Field(
         default=DEFAULT_HUB_ID,
-        description="A loaded InternVLUPipeline, or a checkpoint path / hub id loaded on first use.",
+        description="A loaded InternVLUPipeline, a checkpoint path / hub id loaded on first use, or the URL of "
+        "an `internvl-u serve` server (http(s)://host:port).",
     )
+    api_key: SecretStr | None = Field(
+        default=None, description="The server's key when model is a URL (None: $INTERNVL_U_API_KEY if set)."
+    )
+    timeout: float = Field(default=600.0, gt=0, description="Seconds one job may take on the server (URL models).")
     output_dir: Path = Field(description="Folder for generated and edited images (`<image_id>.png`).")
     allowed_dirs: list[Path] = Field(
         default_factory=list, description="Folders whose image files the agent may read, besides output_dir."
@@ -59,6 +65,8 @@ class InternVLUToolkit(BaseToolkit):
             limits=self.limits,
             return_images=self.return_images,
             thumbnail_size=self.thumbnail_size,
+            api_key=self.api_key.get_secret_value() if self.api_key is not None else None,
+            timeout=self.timeout,
         )
         tool_classes = (UnderstandImageTool, ReasonTool, GenerateImageTool, EditImageTool)
         self._tools = [tool_class(session=self._session) for tool_class in tool_classes]
