@@ -13,9 +13,10 @@ import sys
 from internvl_u_core.cli import MODEL_ENV
 from internvl_u_core.remote import API_KEY_ENV, is_server_url
 
-#: The options that only describe loading a checkpoint here, as (attribute, flag, default).
-_LOADING_OPTIONS = (("dtype", "--dtype", "auto"), ("device", "--device", None), ("offline", "--offline", False),
-                    ("revision", "--revision", None), ("offload", "--offload", False))
+#: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
+#: False or "auto".
+_LOADING_OPTIONS = {"dtype": "--dtype", "device": "--device", "offline": "--offline", "revision": "--revision",
+                    "offload": "--offload"}
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
@@ -44,7 +45,7 @@ def model_problem(args: argparse.Namespace, *, remote: bool = False) -> str | No
         return None
     if not remote:
         return f"--model {args.model!r} is a URL; this command serves a checkpoint folder or hub id"
-    given = [flag for name, flag, default in _LOADING_OPTIONS if getattr(args, name) != default]
+    given = [flag for name, flag in _LOADING_OPTIONS.items() if getattr(args, name) not in (None, False, "auto")]
     if given:
         return f"{', '.join(given)} apply to a model loaded here; a served model ({args.model}) is set up on its server"
     return None
