@@ -541,21 +541,9 @@ def test_agent_recovers_from_refusals(lazy_toolkit: InternVLUToolkit, folders: d
 # --------------------------------------------------------------------------------------------
 # A served model: InternVLUToolkit(model="http://host:port") against a real `internvl-u serve`
 # --------------------------------------------------------------------------------------------
-SERVER_KEY = "tools-test-key"
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from serving import ServerProcess
-
-    server = ServerProcess(tmp_path_factory.mktemp("served") / "server.log", api_key=SERVER_KEY).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-
-
 @pytest.fixture
 def remote_toolkit(served: Any, folders: dict[str, Path]) -> InternVLUToolkit:
-    return InternVLUToolkit(model=served.url, api_key=SERVER_KEY, timeout=300, output_dir=folders["outputs"],
+    return InternVLUToolkit(model=served.url, api_key=served.api_key, timeout=300, output_dir=folders["outputs"],
                             allowed_dirs=[folders["inputs"]])
 
 
@@ -627,7 +615,7 @@ async def test_cancelling_a_served_job_cancels_it_on_the_server(remote_toolkit: 
 def test_served_model_key_and_options(served: Any, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from internvl_u_core import RemoteError
 
-    monkeypatch.setenv("INTERNVL_U_API_KEY", SERVER_KEY)  # no api_key given: the environment's
+    monkeypatch.setenv("INTERNVL_U_API_KEY", served.api_key)  # no api_key given: the environment's
     from_env = InternVLUToolkit(model=served.url, output_dir=folders["outputs"], allowed_dirs=[folders["inputs"]])
     assert invoke(from_env, "understand_image", images=["fox.png"], question="Hi", max_new_tokens=2).status == "success"
     wrong = InternVLUToolkit(model=served.url, api_key="wrong", output_dir=folders["outputs"],

@@ -336,33 +336,22 @@ def test_interrupt_stops_per_image_captioning(model: Any) -> None:
 
 # --- a served model (InternVL-U Remote Loader) ----------------------------------------------
 
-SERVER_KEY = "node-test-key"
 KEY_ENV = "INTERNVLU_NODE_TEST_KEY"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real `internvl-u serve` process on the tiny checkpoint that wants a key."""
-    from serving import ServerProcess
-
-    server = ServerProcess(tmp_path_factory.mktemp("served") / "server.log", api_key=SERVER_KEY).start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-
-
-@pytest.fixture(scope="module")
 def remote(served: Any) -> Any:
-    """The Remote Loader's output, the key read from the environment variable it names."""
+    """The Remote Loader's output on a real server, the key read from the environment variable it names."""
     patch = pytest.MonkeyPatch()
-    patch.setenv(KEY_ENV, SERVER_KEY)
+    patch.setenv(KEY_ENV, served.api_key)
     handle = SPECS["InternVLU_RemoteLoader"].run(base_url=served.url, api_key_env=KEY_ENV, timeout=300).values[0]
     yield handle
     handle.release()
     patch.undo()
 
 
-def test_remote_loader_keeps_the_key_out_of_its_settings(remote: Any) -> None:
-    assert SERVER_KEY not in repr(remote) and SERVER_KEY not in repr(remote.settings)
+def test_remote_loader_keeps_the_key_out_of_its_settings(remote: Any, served: Any) -> None:
+    assert served.api_key not in repr(remote) and served.api_key not in repr(remote.settings)
     assert remote.settings.api_key_env == KEY_ENV
 
 
@@ -432,7 +421,7 @@ def test_remote_loader_errors_are_clear(served: Any, monkeypatch: pytest.MonkeyP
     with pytest.raises(RemoteError, match=f"'api_key_env' \\({KEY_ENV}\\)") as refused:
         _understand(keyless)
     assert refused.value.status_code == 401
-    given = loader.run(base_url=served.url, api_key_env="", timeout=60, api_key=SERVER_KEY).values[0]
+    given = loader.run(base_url=served.url, api_key_env="", timeout=60, api_key=served.api_key).values[0]
     assert _understand(given, max_new_tokens=2)  # a key from another node's output works as well
     with pytest.raises(InvalidInputError, match="base_url must be an http"):
         loader.run(base_url="127.0.0.1:8091", api_key_env="", timeout=60)

@@ -62,8 +62,9 @@ pytestmark = pytest.mark.skipif(
 class Server:
     """A ComfyUI process on a free loopback port, with its own input/output/model folders."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, environment: dict[str, str]) -> None:
         self.base = base
+        self.environment = environment
         self.log_path = base / "server.log"
         self.output = base / "output"
         self.url = ""
@@ -113,7 +114,8 @@ class Server:
             "auto",
         ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.environment})
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -251,17 +253,6 @@ def fast_prompt(name: str, **changes: dict[str, Any]) -> dict[str, Any]:
     return prompt
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real `internvl-u serve` on the tiny checkpoint, run by this (the project's) Python, for the
-    Remote Loader; ComfyUI's Python reaches it with httpx."""
-    from serving import ServerProcess
-
-    process = ServerProcess(tmp_path_factory.mktemp("served") / "server.log").start()
-    yield process
-    assert process.stop() == 0, process.log_tail()
-
-
 def point_at(prompt: dict[str, Any], served: Any) -> dict[str, Any]:
     """The prompt with every Remote Loader's base_url set to the test server."""
     for node in prompt.values():
@@ -271,8 +262,10 @@ def point_at(prompt: dict[str, Any], served: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    instance = Server(tmp_path_factory.mktemp("comfyui"))
+def server(tmp_path_factory: pytest.TempPathFactory, served: Any) -> Server:
+    """ComfyUI, with the key of the test's `internvl-u serve` (conftest's ``served``, run by this Python)
+    where the Remote Loader looks for it."""
+    instance = Server(tmp_path_factory.mktemp("comfyui"), {"INTERNVL_U_API_KEY": served.api_key})
     try:
         instance.start()
         yield instance

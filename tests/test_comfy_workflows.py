@@ -349,21 +349,14 @@ def test_every_workflow_has_an_expectation() -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A real `internvl-u serve` on the tiny checkpoint, for the workflows with a Remote Loader."""
-    from serving import ServerProcess
-
-    server = ServerProcess(tmp_path_factory.mktemp("served") / "server.log").start()
-    yield server
-    assert server.stop() == 0, server.log_tail()
-
-
 def point_at(prompt: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The prompt with every Remote Loader's base_url set to the test server (started on first need)."""
+    """The prompt with every Remote Loader's base_url set to the test server (started on first need), its
+    key in the environment variable the loader names."""
     for node in prompt.values():
         if node["class_type"] == "InternVLU_RemoteLoader":
-            node["inputs"]["base_url"] = request.getfixturevalue("served").url
+            served = request.getfixturevalue("served")
+            node["inputs"]["base_url"] = served.url
+            request.getfixturevalue("monkeypatch").setenv(node["inputs"]["api_key_env"], served.api_key)
     return prompt
 
 
