@@ -171,11 +171,9 @@ class InternVLUPipeline:
         memory and moves them to ``device`` (a GPU) while they run. Both are checked before any
         weight is read.
         """
-        device = check.device(device)
-        dtype = check.dtype(torch_dtype, device)
         offload_mode = offloading.check_mode(offload)
-        if offload_mode is not None:
-            device = offloading.check_device(offload_mode, device)
+        device = check.device(device) if offload_mode is None else offloading.check_device(offload_mode, device)
+        dtype = check.dtype(torch_dtype, device)
         plan = quantizing.make_plan(quantizing.check_mode(quantization, device), device, dtype)
         _check_offload_with(plan, offload_mode)
         # Full-precision parts load where they stay (the CPU under offloading); the quantised ones

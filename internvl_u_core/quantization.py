@@ -182,7 +182,7 @@ def quantize_language_model(vlm: nn.Module, plan: QuantizationPlan) -> None:
     """
     llm = vlm.language_model
     if plan.backend == DYNAMIC_INT8:
-        _dynamic_int8(llm)
+        dynamic_int8(llm)
     elif plan.uses_library_quantizer:
         vlm.language_model = _transformers_quantized(llm, plan)
     _place_others(vlm, vlm.language_model, plan.device)
@@ -195,7 +195,7 @@ def quantize_generation_decoder(decoder: nn.Module, plan: QuantizationPlan) -> N
     """
     dit = decoder.decoder
     if plan.backend == DYNAMIC_INT8:
-        _dynamic_int8(dit.transformer_blocks)
+        dynamic_int8(dit.transformer_blocks)
     elif plan.uses_library_quantizer:
         decoder.decoder = _diffusers_quantized(dit, plan)
     _place_others(decoder, decoder.decoder, plan.device)
@@ -211,7 +211,7 @@ def _place_others(parent: nn.Module, skip: nn.Module, device: torch.device) -> N
             parent._parameters[name] = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
 
 
-def _dynamic_int8(module: nn.Module) -> None:
+def dynamic_int8(module: nn.Module) -> None:
     """PyTorch's dynamic int8 on every ``nn.Linear`` of ``module``: int8 weights per output channel."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,6 @@ from internvl_u_core.cli import build_parser, main
 FOX = str(FIXTURES / "internvlu-tiny" / "inputs" / "img_fox_80x60.png")
 MODEL = ["--model", str(TINY_CHECKPOINT), "--dtype", "float32", "--device", "cpu"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-
-@pytest.fixture(scope="module")
-def unreadable_weights(tmp_path_factory) -> Path:
-    """The tiny checkpoint with every weight file replaced by garbage: reading any weight fails loudly."""
-    root = tmp_path_factory.mktemp("unreadable") / "checkpoint"
-    shutil.copytree(TINY_CHECKPOINT, root)
-    for weights in root.rglob("*.safetensors"):
-        weights.write_bytes(b"not weights")
-    return root
 
 
 def _refused(capsys, argv: list[str]) -> str:
