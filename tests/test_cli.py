@@ -94,6 +94,30 @@ def test_offload_without_cuda_is_refused_before_loading(capsys, unreadable_weigh
     assert "--offload" in message and "--device cpu" in message
 
 
+@NO_CUDA
+@pytest.mark.parametrize("mode", ["nf4", "fp8"])
+def test_quantize_modes_that_need_cuda_are_refused_before_loading(capsys, unreadable_weights, mode):
+    message = _refused(capsys, ["generate", "x", *_model(unreadable_weights), "--quantize", mode])
+    assert f"--quantize {mode}" in message and "CUDA" in message and "quantization=" not in message
+
+
+def test_quantize_and_offload_choices_come_from_the_core():
+    from internvl_u_core import offload, quantization
+
+    for command in ("understand", "reason", "generate", "edit"):
+        actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions}
+        assert tuple(actions["quantize"].choices) == quantization.MODES
+        assert tuple(actions["offload"].choices) == offload.MODES and actions["offload"].const == "model"
+
+
+def test_generate_with_int8_quantization_writes_an_image(tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert main(["generate", *MODEL, "a red fox", "-o", str(out), "--steps", "2", "--width", "32",
+                 "--height", "32", "--seed", "0", "--quantize", "int8"]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert "Quantising the LLM: int8 (torch.ao dynamic int8" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "output,words",
     [("x.xyz", "'.xyz' format"), ("x", "no suffix"), ("missing/x.png", "does not exist; create it or add --mkdir")],
