@@ -56,12 +56,10 @@ def add_memory_options(group) -> None:
 
 
 def check_memory_options(args, names: check.ArgumentNames) -> None:
-    """Refuse a --quantize or --offload this machine cannot run, before anything is loaded."""
-    if args.offload:
-        device = check.offload_device(args.device, names.offload, names)
-    else:
-        device = check.device(args.device, names)
-    quantization.check_mode(args.quantize, device, names)
+    """Refuse a --device, --quantize or --offload this machine cannot run, before anything is loaded."""
+    from .pipeline import check_load_options
+
+    check_load_options(args.device, args.dtype, args.quantize, args.offload, names)
 
 
 def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:

@@ -75,13 +75,17 @@ class Offloader:
     hooked: tuple[nn.Module, ...]  # modules whose weights diffusers' hooks move; never moved as a whole
     owners: tuple[nn.Module, ...]  # the modules the hooks were applied to (they carry hooks themselves)
 
-    def activate(self, components: Mapping[str, nn.Module], running: nn.Module) -> torch.device:
-        """Put ``running``'s whole-moving parts on the device and every other component's on the CPU."""
+    def activate(self, components: Mapping[str, nn.Module], running: nn.Module | None) -> torch.device:
+        """Put ``running``'s whole-moving parts on the device and every other component's on the CPU.
+
+        ``running=None`` puts everything on the CPU (the hooks keep their blocks there between calls).
+        """
         hooked = {id(m) for m in self.hooked}
         for module in components.values():
             if module is not running:
                 _move_except(module, hooked, _CPU)
-        _move_except(running, hooked, self.device)
+        if running is not None:
+            _move_except(running, hooked, self.device)
         return self.device
 
     def remove(self) -> None:

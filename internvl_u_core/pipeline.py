@@ -171,11 +171,7 @@ class InternVLUPipeline:
         memory and moves them to ``device`` (a GPU) while they run. Both are checked before any
         weight is read.
         """
-        offload_mode = offloading.check_mode(offload)
-        device = check.device(device) if offload_mode is None else offloading.check_device(offload_mode, device)
-        dtype = check.dtype(torch_dtype, device)
-        plan = quantizing.make_plan(quantizing.check_mode(quantization, device), device, dtype)
-        _check_offload_with(plan, offload_mode)
+        device, dtype, plan, offload_mode = check_load_options(device, torch_dtype, quantization, offload)
         # Full-precision parts load where they stay (the CPU under offloading); the quantised ones
         # on the CPU first when a library quantises them on the way to the device.
         home = torch.device("cpu") if offload_mode is not None else device
@@ -270,6 +266,12 @@ class InternVLUPipeline:
     def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
         """Keep components on the CPU and move each to ``device`` (default: CUDA) only while it runs."""
         self._enable_offload("model", offloading.check_device("model", device, option="enable_model_cpu_offload()"))
+
+    def release_accelerator(self) -> None:
+        """Under offloading, move every weight back to the CPU memory (frees the GPU between jobs)."""
+        with self._lock:
+            if self._offload is not None:
+                self._offload.activate(self.components, None)
 
     def _enable_offload(self, mode: str, device: torch.device) -> None:
         _check_offload_with(self.quantization, mode)
@@ -821,6 +823,26 @@ class InternVLUPipeline:
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
         return pictures
+
+
+def check_load_options(
+    device=None, torch_dtype="auto", quantization=None, offload=None, names: check.ArgumentNames = check.API_NAMES
+) -> tuple[torch.device, torch.dtype, quantizing.QuantizationPlan | None, str | None]:
+    """Check ``from_pretrained``'s device, dtype, quantisation and offload choices without loading anything.
+
+    Returns ``(device, dtype, quantisation plan or None, offload mode or None)``; the device is the one
+    the model runs on (the GPU under offloading). Surfaces call it to refuse bad choices up front,
+    in their own option names (``names``).
+    """
+    offload_mode = offloading.check_mode(offload, names)
+    if offload_mode is None:
+        device = check.device(device, names)
+    else:
+        device = offloading.check_device(offload_mode, device, names)
+    dtype = check.dtype(torch_dtype, device)
+    plan = quantizing.make_plan(quantizing.check_mode(quantization, device, names), device, dtype)
+    _check_offload_with(plan, offload_mode)
+    return device, dtype, plan, offload_mode
 
 
 def _check_offload_with(plan: quantizing.QuantizationPlan | None, offload_mode: str | None) -> None:

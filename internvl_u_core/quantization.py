@@ -263,9 +263,10 @@ def _torchao_config(mode: str):
 def _transformers_quantized(llm: nn.Module, plan: QuantizationPlan) -> nn.Module:
     """The LLM rebuilt by transformers' ``from_pretrained`` from the loaded weights, with its quantiser."""
     import transformers
-    from packaging.version import Version
 
-    dtype_argument = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    # transformers 4.56 renamed torch_dtype to dtype (the old name still works, with a warning).
+    version = tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in transformers.__version__.split(".")[:2])
+    dtype_argument = "dtype" if version >= (4, 56) else "torch_dtype"
     state = llm.state_dict()
     quantized = type(llm).from_pretrained(
         None, config=llm.config, state_dict=state, quantization_config=transformers_config(plan),
