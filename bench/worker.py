@@ -82,6 +82,24 @@ SETTINGS = {
     "offload": ("pipe.enable_model_cpu_offload(device): components on the CPU, moved to the GPU to run",
                 True, (_offload,)),
     "vae_tiling": ("pipe.enable_vae_tiling(): VAE encode/decode in overlapping tiles", False, (_vae_tiling,)),
+    # Load-time settings (LOAD_OPTIONS): passed to from_pretrained instead of applied afterwards.
+    "int8": ("from_pretrained(quantization='int8'): CPU dynamic int8 / CUDA torchao int8 for the LLM and DiT",
+             False, ()),
+    "bf16": ("from_pretrained(quantization='bf16'): bfloat16 LLM and DiT, ViT and VAE in --dtype", False, ()),
+    "fp8": ("from_pretrained(quantization='fp8'): torchao float8 weights for the LLM and DiT", True, ()),
+    "nf4": ("from_pretrained(quantization='nf4'): bitsandbytes 4-bit NF4 for the LLM and DiT", True, ()),
+    "group_offload": ("from_pretrained(offload='group'): ViT/LLM/DiT blocks streamed to the GPU one at a time",
+                      True, ()),
+    "sequential_offload": ("from_pretrained(offload='sequential'): every layer moved to the GPU for its own call",
+                           True, ()),
+}
+LOAD_OPTIONS = {
+    "int8": {"quantization": "int8"},
+    "bf16": {"quantization": "bf16"},
+    "fp8": {"quantization": "fp8"},
+    "nf4": {"quantization": "nf4"},
+    "group_offload": {"offload": "group"},
+    "sequential_offload": {"offload": "sequential"},
 }
 
 
@@ -98,6 +116,14 @@ def setting_parts(setting: str) -> list[str]:
 
 def setting_needs_cuda(setting: str) -> bool:
     return any(SETTINGS[p][1] for p in setting_parts(setting))
+
+
+def load_options(setting: str) -> dict:
+    """``from_pretrained`` keyword arguments of the load-time parts of ``setting``."""
+    options: dict = {}
+    for part in setting_parts(setting):
+        options.update(LOAD_OPTIONS.get(part, {}))
+    return options
 
 
 def apply_setting(pipe, setting: str, device: str) -> None:
@@ -255,7 +281,9 @@ class Runner:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        self.pipe = InternVLUPipeline.from_pretrained(args.ckpt, torch_dtype=args.dtype, device=load_device)
+        self.pipe = InternVLUPipeline.from_pretrained(
+            args.ckpt, torch_dtype=args.dtype, device=load_device, **load_options(args.setting)
+        )
         self.sync()
         load_s = time.perf_counter() - t0
         apply_setting(self.pipe, args.setting, args.device)
