@@ -261,7 +261,8 @@ def timing_summary(doc: dict, modes: list[str]) -> dict:
         for job, slot in results.get(name, {}).items():
             summary = slot.get("summary", {})
             entry = {k: summary[k]["median"] for k in ("total_s", "decode_tok_s", "peak_rss_gib", "dit_step_s",
-                                                       "llm_s", "vlm_s", "ttft_s") if k in summary}
+                                                       "llm_s", "vlm_s", "ttft_s", "rss_anon_end_gib",
+                                                       "rss_file_end_gib", "model_gib") if k in summary}
             entry["runs"] = len(slot.get("runs", []))
             if name != "default":
                 for metric in ("total_s", "decode_tok_s"):
@@ -278,9 +279,9 @@ def markdown(doc: dict) -> str:
     modes = ["float32", *doc["modes"]]
     timing, drift = doc.get("timing", {}), doc["drift"]
     lines = ["| mode | backend | weights (GiB) | t2i s | edit s | understand s | decode tok/s (× fp32) | cot s | "
-             "peak RSS t2i / edit / understand (GiB) | t2i max / mean / PSNR | edit max / mean / PSNR | "
+             "peak RSS t2i / edit / understand (GiB) | understand RSS anonymous (GiB) | t2i max / mean / PSNR | edit max / mean / PSNR | "
              "logit cosine median (min) | KL median (max) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for mode in modes:
         t = timing.get(mode, {})
         d = drift.get(mode, {})
@@ -294,6 +295,7 @@ def markdown(doc: dict) -> str:
         if ratio:
             decode += f" ({ratio:.2f}×)"
         rss = " / ".join(cell(job, "peak_rss_gib") for job in ("t2i", "edit", "understand"))
+        anon = cell("understand", "rss_anon_end_gib")
         if mode == "float32":
             images = ["exact", "exact"]
             text = ["1", "0"]
@@ -304,7 +306,7 @@ def markdown(doc: dict) -> str:
             text = [f"{td['cosine_median']:.4f} ({td['cosine_min']:.4f})", f"{td['kl_median']:.4f} ({td['kl_max']:.4f})"]
         lines.append(f"| {mode} | {d.get('backend', '')} | {d.get('model_bytes', 0) / 2**30:.2f} | {cell('t2i', 'total_s')} | "
                      f"{cell('edit', 'total_s')} | {cell('understand', 'total_s')} | {decode} | {cell('cot', 'total_s')} | "
-                     f"{rss} | {images[0]} | {images[1]} | {text[0]} | {text[1]} |")
+                     f"{rss} | {anon} | {images[0]} | {images[1]} | {text[0]} | {text[1]} |")
     return "\n".join(lines)
 
 
@@ -344,7 +346,11 @@ def main(argv=None) -> int:
         args.mode = args.child
         return child(args)
     if args.show:
-        print(markdown(json.loads(args.show.read_text())))
+        doc = json.loads(args.show.read_text())
+        timing_file = args.show.with_name(doc.get("timing_file", ""))
+        if doc.get("timing_file") and timing_file.is_file():  # summarised again, with this version's metrics
+            doc["timing"] = timing_summary(json.loads(timing_file.read_text()), doc["modes"])
+        print(markdown(doc))
         return 0
     default_modes = CUDA_MODES if args.device.startswith("cuda") else CPU_MODES
     modes = [m.strip() for m in (args.modes or ",".join(default_modes)).split(",") if m.strip()]

@@ -294,6 +294,10 @@ class Runner:
             "core_import_s": round(import_s, 4),
             "load_s": round(load_s, 4),
             "rss_after_load_gib": _gib(current_rss_bytes()),
+            # Mapped weight pages (file) can be dropped by the kernel under pressure; anonymous memory cannot.
+            "rss_anon_after_load_gib": _gib(_status_bytes("RssAnon")),
+            "rss_file_after_load_gib": _gib(_status_bytes("RssFile")),
+            "model_gib": _gib(self.pipe.model_size_bytes()),
             "peak_rss_load_gib": _gib(peak_rss_bytes()),
             "stages_timed": self.wrapped,
         }
@@ -437,7 +441,8 @@ class Runner:
 
     def memory(self) -> dict:
         """Whole-process peaks (load, warm-up and every run)."""
-        info = {"peak_rss_gib": _gib(max(self.peak_rss, peak_rss_bytes())), "rss_end_gib": _gib(current_rss_bytes())}
+        info = {"peak_rss_gib": _gib(max(self.peak_rss, peak_rss_bytes())), "rss_end_gib": _gib(current_rss_bytes()),
+                "rss_anon_end_gib": _gib(_status_bytes("RssAnon")), "rss_file_end_gib": _gib(_status_bytes("RssFile"))}
         if self.cuda:
             torch = self.torch
             info["gpu_peak_gib"] = _gib(max(self.gpu_peak, torch.cuda.max_memory_allocated()))
