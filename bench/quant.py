@@ -47,6 +47,9 @@ QUESTIONS = (
     ("List three uses of a paperclip.", False),
     ("Translate 'good morning' into German.", False),
 )
+#: The CUDA weight formats, applied on the CPU through the same quantisers to measure their drift there.
+LIBRARY_FORMATS = {"torchao-int8": ("int8", "torchao"), "torchao-fp8": ("fp8", "torchao"),
+                   "bnb-nf4": ("nf4", "bitsandbytes")}
 #: Parameter groups of the memory table; the *_layers/_blocks ones scale with the layer count.
 GROUPS = ("vit_layers", "llm_embedding", "llm_head", "llm_layers", "dit_blocks", "other", "vae")
 SCALED = {"vit_layers": "vit", "llm_layers": "llm", "dit_blocks": "dit"}
@@ -109,8 +112,11 @@ def child(args) -> int:
     from internvl_u_core import InternVLUPipeline
 
     torch.set_num_threads(args.threads)
-    mode = None if args.mode == "float32" else args.mode
+    mode = None if args.mode in ("float32", *LIBRARY_FORMATS) else args.mode
     pipe = InternVLUPipeline.from_pretrained(args.ckpt, torch_dtype=args.dtype, device=args.device, quantization=mode)
+    note = None
+    if args.mode in LIBRARY_FORMATS:
+        note = apply_library_format(pipe, args.mode, args.device)
     picture = test_image(args.size)
     t2i = pipe.generate(PROMPT, width=args.size, height=args.size, steps=args.steps, seed=0)[0]
     edit = pipe.edit(picture, INSTRUCTION, width=args.size, height=args.size, steps=args.steps, seed=0)[0]
@@ -120,12 +126,32 @@ def child(args) -> int:
     logits = torch.stack([pipe.next_token_logits(q, picture if with_image else None) for q, with_image in QUESTIONS])
     torch.save(logits, out / f"{args.mode}-logits.pt")
     info = {"mode": args.mode, "backend": pipe.quantization.backend if pipe.quantization else "float32",
-            "bytes": group_bytes(pipe), "model_bytes": pipe.model_size_bytes()}
+            "bytes": group_bytes(pipe), "model_bytes": pipe.model_size_bytes(), "note": note}
     if mode is None:
         info["params"] = group_params(pipe)
         info["library_bytes_per_param"] = library_bytes_per_param(pipe)
     print(json.dumps(info))
     return 0
+
+
+def apply_library_format(pipe, name: str, device: str) -> str | None:
+    """Quantise a loaded pipeline in a CUDA format through the libraries' quantisers, here on ``device``.
+
+    Measures what the weight format alone does (drift against float32 computing in float32). Returns a
+    note when only part of the model could be quantised on this device.
+    """
+    import torch
+
+    from internvl_u_core import quantization as q
+
+    mode, backend = LIBRARY_FORMATS[name]
+    plan = q.QuantizationPlan(mode, torch.device(device), backend, pipe.dtype)
+    q.quantize_language_model(pipe.vlm, plan)
+    pipe.quantization = plan
+    if backend == q.BITSANDBYTES and device == "cpu":
+        return "LLM only: diffusers' bitsandbytes quantiser needs a GPU for the DiT"
+    q.quantize_generation_decoder(pipe.generation_decoder, plan)
+    return None
 
 
 def library_bytes_per_param(pipe) -> dict:
@@ -304,7 +330,8 @@ def markdown(doc: dict) -> str:
                       f"{d[f'{j}_drift']['psnr_db']} dB" for j in ("t2i", "edit")]
             td = d["text_drift"]
             text = [f"{td['cosine_median']:.4f} ({td['cosine_min']:.4f})", f"{td['kl_median']:.4f} ({td['kl_max']:.4f})"]
-        lines.append(f"| {mode} | {d.get('backend', '')} | {d.get('model_bytes', 0) / 2**30:.2f} | {cell('t2i', 'total_s')} | "
+        backend = d.get("backend", "") + (f" ({d['note']})" if d.get("note") else "")
+        lines.append(f"| {mode} | {backend} | {d.get('model_bytes', 0) / 2**30:.2f} | {cell('t2i', 'total_s')} | "
                      f"{cell('edit', 'total_s')} | {cell('understand', 'total_s')} | {decode} | {cell('cot', 'total_s')} | "
                      f"{rss} | {anon} | {images[0]} | {images[1]} | {text[0]} | {text[1]} |")
     return "\n".join(lines)
@@ -320,6 +347,79 @@ def released_params(bench_params: dict, bench_layers: dict) -> dict:
 
     return {name: count * RELEASED_LAYERS[SCALED[name]] // bench_layers[SCALED[name]] if name in SCALED else count
             for name, count in bench_params.items()}
+
+
+# GPU memory of the released model: weights from the measured bytes per parameter, activations from a
+# CPU run at 1024² (halved: the GPU computes in bfloat16), the CUDA context assumed.
+CUDA_CONTEXT_GIB = 0.5
+PCIE_GB_S = 25.0  # PCIe 4.0 x16, what offloading moves weights over
+CARDS_GIB = (8, 12, 16, 24)
+GPU_MODES = ("bf16", "int8", "fp8", "nf4")
+RUNGS = ("none", "model", "group", "sequential")
+
+
+def gpu_bytes_per_param(doc: dict) -> dict:
+    """mode -> group -> bytes per parameter on a GPU (bfloat16 everywhere but the quantised groups)."""
+    library = doc["drift"]["float32"].get("library_bytes_per_param", {})
+    out = {"bf16": dict.fromkeys(GROUPS, 2.0)}
+    for mode in GPU_MODES[1:]:
+        measured = library.get(mode, {})
+        if all(isinstance(measured.get(g), float) for g in QUANTISED):
+            out[mode] = {g: measured[g] if g in QUANTISED else 2.0 for g in GROUPS}
+    return out
+
+
+def memory_rows(doc: dict, activation_gib: float) -> list[dict]:
+    """GPU memory per mode and offload rung for the released model at 1024² (GiB)."""
+    params = doc["released_params"]
+    layers = {"vit_layers": 24, "llm_layers": 28, "dit_blocks": 20}
+    rows = []
+    for mode, per_param in gpu_bytes_per_param(doc).items():
+        gib = {g: params[g] * per_param[g] / 2**30 for g in GROUPS}
+        vlm = gib["vit_layers"] + gib["llm_embedding"] + gib["llm_head"] + gib["llm_layers"] + gib["other"]
+        decoder = gib["dit_blocks"] + gib["other"]
+        block = max(gib[g] / n for g, n in layers.items())
+        weights = sum(gib.values())
+        # Bytes a step of the DiT moves over PCIe when its blocks stream (group, sequential).
+        dit_move_s = gib["dit_blocks"] * 2**30 / 1e9 / PCIE_GB_S
+        resident = {
+            "none": weights,
+            "model": max(vlm, decoder, gib["vae"]),
+            "group": gib["llm_embedding"] + gib["llm_head"] + gib["vae"] + gib["other"] + 2 * block,
+            # The largest single layer (the embedding) or the VAE, which still moves whole.
+            "sequential": max(gib["llm_embedding"], gib["vae"]) + gib["other"],
+        }
+        moves = {"none": "–", "model": f"{weights * 2**30 / 1e9 / PCIE_GB_S:.1f} s per job",
+                 "group": f"{dit_move_s:.2f} s per step, overlapped", "sequential": f"{dit_move_s:.2f} s per step, not overlapped"}
+        for rung in RUNGS:
+            if mode != "bf16" and rung in ("group", "sequential"):
+                continue  # refused: diffusers' hooks do not move torchao/bitsandbytes tensors with streams yet
+            total = resident[rung] + activation_gib + CUDA_CONTEXT_GIB
+            rows.append({"mode": mode, "offload": rung, "weights_gib": round(weights, 2),
+                         "on_gpu_gib": round(total, 1), "transfer": moves[rung],
+                         "fits": [card for card in CARDS_GIB if total <= 0.9 * card]})
+    return rows
+
+
+def memory_table(doc: dict, activation_gib: float) -> str:
+    lines = ["| quantization | offload | weights (GiB) | GPU memory at 1024² (GiB) | weight transfer (PCIe 4.0) | "
+             + " | ".join(f"{c} GB" for c in CARDS_GIB) + " |",
+             "|---|---|---:|---:|---|" + "---|" * len(CARDS_GIB)]
+    for row in memory_rows(doc, activation_gib):
+        fits = " | ".join("✔" if c in row["fits"] else "✘" for c in CARDS_GIB)
+        lines.append(f"| {row['mode']} | {row['offload']} | {row['weights_gib']} | {row['on_gpu_gib']} | "
+                     f"{row['transfer']} | {fits} |")
+    return "\n".join(lines)
+
+
+def activation_estimate(timing_doc: dict) -> dict:
+    """GPU activation memory at 1024² from a CPU float32 run: RSS growth of one text-to-image run, halved."""
+    out = {}
+    for variant, jobs in timing_doc["results"].items():
+        summary = jobs.get("t2i", {}).get("summary", {})
+        if "run_extra_rss_gib" in summary:
+            out[variant] = round(summary["run_extra_rss_gib"]["median"] / 2, 2)
+    return out
 
 
 def main(argv=None) -> int:
@@ -338,6 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-timing", action="store_true", help="drift and bytes only")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--show", type=Path, help="print the table of an earlier result and exit")
+    p.add_argument("--memory-table", type=Path, metavar="RUN_JSON",
+                   help="with --show: the released model's GPU memory table, activations from this bench/run.py "
+                        "result of t2i at 1024² (settings default and vae_tiling)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -351,6 +454,11 @@ def main(argv=None) -> int:
         if doc.get("timing_file") and timing_file.is_file():  # summarised again, with this version's metrics
             doc["timing"] = timing_summary(json.loads(timing_file.read_text()), doc["modes"])
         print(markdown(doc))
+        if args.memory_table:
+            activations = activation_estimate(json.loads(args.memory_table.read_text()))
+            for variant, gib in activations.items():
+                print(f"\nActivations {variant}: {gib} GiB\n")
+                print(memory_table(doc, gib))
         return 0
     default_modes = CUDA_MODES if args.device.startswith("cuda") else CPU_MODES
     modes = [m.strip() for m in (args.modes or ",".join(default_modes)).split(",") if m.strip()]
