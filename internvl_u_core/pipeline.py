@@ -175,7 +175,7 @@ class InternVLUPipeline:
         # Full-precision parts load where they stay (the CPU under offloading); the quantised ones
         # on the CPU first when a library quantises them on the way to the device.
         home = torch.device("cpu") if offload_mode is not None else device
-        llm_home = torch.device("cpu") if plan is not None and plan.uses_library_quantizer else home
+        quantized_home = torch.device("cpu") if plan is not None and plan.uses_library_quantizer else home
         say = progress or (lambda message: logger.info(message))
         root = resolve_checkpoint(path_or_id, local_files_only=local_files_only, revision=revision, progress=say)
         if not (root / "model_index.json").is_file():
@@ -192,7 +192,7 @@ class InternVLUPipeline:
         say("Loading VLM")
         vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
         load_weights_into(
-            vlm, vlm_folder, dtype=dtype, device=llm_home, optional=vlm.tied_weight_names,
+            vlm, vlm_folder, dtype=dtype, device=quantized_home, optional=vlm.tied_weight_names,
             dtype_overrides={"language_model.": plan.dtype} if plan is not None else None,
         )
         if vlm.config.tie_word_embeddings:
@@ -208,7 +208,7 @@ class InternVLUPipeline:
             if plan is None:
                 decoder = load_generation_decoder(folder, dtype, home)
             else:
-                decoder = load_generation_decoder(folder, plan.dtype, llm_home)
+                decoder = load_generation_decoder(folder, plan.dtype, quantized_home)
                 say(f"Quantising the DiT: {plan.describe()}")
                 quantizing.quantize_generation_decoder(decoder, plan)
             say("Loading VAE")

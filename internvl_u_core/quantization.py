@@ -176,29 +176,28 @@ def make_plan(mode: str | None, device: torch.device, dtype: torch.dtype) -> Qua
 # Applying a plan to the loaded components
 # ----------------------------------------------------------------------------------------------
 def quantize_language_model(vlm: nn.Module, plan: QuantizationPlan) -> None:
-    """Quantise ``vlm.language_model`` in place, then put the rest of the VLM on ``plan.device``.
+    """Quantise ``vlm.language_model`` in place (the VLM arrives loaded, its LLM in ``plan.dtype``).
 
-    The VLM arrives loaded with its LLM in ``plan.dtype``, on the CPU for the library backends.
+    The library backends get the VLM on the CPU: the LLM is quantised on its way to ``plan.device``,
+    then the rest of the VLM follows it there. bf16 needs nothing more than the loader's dtype.
     """
-    llm = vlm.language_model
     if plan.backend == DYNAMIC_INT8:
-        dynamic_int8(llm)
+        dynamic_int8(vlm.language_model)
     elif plan.uses_library_quantizer:
-        vlm.language_model = _transformers_quantized(llm, plan)
-    _place_others(vlm, vlm.language_model, plan.device)
+        vlm.language_model = _transformers_quantized(vlm.language_model, plan)
+        _place_others(vlm, vlm.language_model, plan.device)
 
 
 def quantize_generation_decoder(decoder: nn.Module, plan: QuantizationPlan) -> None:
-    """Quantise the DiT (``decoder.decoder``) in place, then put the rest of the decoder on ``plan.device``.
+    """Quantise the DiT (``decoder.decoder``) in place (the decoder arrives loaded in ``plan.dtype``).
 
-    The decoder arrives loaded in ``plan.dtype``, on the CPU for the library backends.
+    As for the LLM, the library backends quantise it on its way from the CPU to ``plan.device``.
     """
-    dit = decoder.decoder
     if plan.backend == DYNAMIC_INT8:
-        dynamic_int8(dit.transformer_blocks)
+        dynamic_int8(decoder.decoder.transformer_blocks)
     elif plan.uses_library_quantizer:
-        decoder.decoder = _diffusers_quantized(dit, plan)
-    _place_others(decoder, decoder.decoder, plan.device)
+        decoder.decoder = _diffusers_quantized(decoder.decoder, plan)
+        _place_others(decoder, decoder.decoder, plan.device)
 
 
 def _place_others(parent: nn.Module, skip: nn.Module, device: torch.device) -> None:
