@@ -4,7 +4,7 @@ Built once into ``bench/.cache/ckpt-l{L}`` (``ckpt-lall`` for the released layer
 The build writes into a temporary folder in the same directory and renames it into place at the
 end, so an interrupted build is never mistaken for a finished one.
 
-``python bench/checkpoint.py OUT_DIR VIT LLM DIT`` is the build step (run in a subprocess by
+``python bench/checkpoint.py OUT_DIR VIT LLM DIT VOCAB DTYPE`` is the build step (run in a subprocess by
 ``run.py`` so the parent process stays small).
 """
 
@@ -35,9 +35,10 @@ def layer_counts(layers: str) -> dict[str, int]:
     return {"vit": count, "llm": count, "dit": count}
 
 
-def checkpoint_dir(layers: str, vocab: int | None = None) -> Path:
+def checkpoint_dir(layers: str, vocab: int | None = None, cache: Path = CACHE, dtype: str = "float32") -> Path:
     key = "all" if str(layers).strip().lower() in ("all", "full") else str(int(layers))
-    return CACHE / (f"ckpt-l{key}" if vocab is None else f"ckpt-l{key}-v{vocab}")
+    name = f"ckpt-l{key}" if vocab is None else f"ckpt-l{key}-v{vocab}"
+    return cache / (name if dtype == "float32" else f"{name}-{dtype}")
 
 
 def read_layers(folder: Path) -> dict[str, int]:
@@ -70,10 +71,15 @@ def _remove_stale_builds(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_checkpoint(layers: str, say=print, vocab: int | None = None) -> Path:
-    """The cached checkpoint for ``layers`` (and LLM vocabulary size; None = released), built first if missing."""
+def ensure_checkpoint(
+    layers: str, say=print, vocab: int | None = None, cache: Path = CACHE, dtype: str = "float32"
+) -> Path:
+    """The cached checkpoint for ``layers`` (and LLM vocabulary size; None = released), built first if missing.
+
+    ``dtype`` is the stored dtype (``float32`` or ``bfloat16``, half the size); ``cache`` the parent folder.
+    """
     counts = layer_counts(layers)
-    final = checkpoint_dir(layers, vocab)
+    final = checkpoint_dir(layers, vocab, cache, dtype)
     if (final / "model_index.json").is_file():  # model_index.json is written last by the writer
         found = read_layers(final)
         if found != counts:
@@ -86,7 +92,7 @@ def ensure_checkpoint(layers: str, say=print, vocab: int | None = None) -> Path:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     free = shutil.disk_usage(final.parent).free
-    estimate = _estimate_bytes(counts)
+    estimate = _estimate_bytes(counts) // (1 if dtype == "float32" else 2)
     if free < estimate * 1.1:
         raise RuntimeError(f"building {final.name} needs about {estimate / 2**30:.1f} GiB of disk; "
                            f"{free / 2**30:.1f} GiB free under {final.parent}")
@@ -95,7 +101,7 @@ def ensure_checkpoint(layers: str, say=print, vocab: int | None = None) -> Path:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     cmd = [sys.executable, str(Path(__file__).resolve()), str(tmp), str(counts["vit"]), str(counts["llm"]),
-           str(counts["dit"]), str(vocab or 0)]
+           str(counts["dit"]), str(vocab or 0), dtype]
     try:
         subprocess.run(cmd, env=env, check=True)
         os.rename(tmp, final)
@@ -113,7 +119,7 @@ def _estimate_bytes(counts: dict[str, int]) -> int:
     return int(vit * counts["vit"] + llm * counts["llm"] + dit * counts["dit"] + fixed)
 
 
-def _build(out: str, vit: int, llm_layers: int, dit: int, vocab: int = 0) -> None:
+def _build(out: str, vit: int, llm_layers: int, dit: int, vocab: int = 0, dtype: str = "float32") -> None:
     import torch
 
     from internvl_u_core.random_checkpoint import write_random_checkpoint
@@ -121,10 +127,11 @@ def _build(out: str, vit: int, llm_layers: int, dit: int, vocab: int = 0) -> Non
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     llm = {"vocab_size": vocab} if vocab else None
     write_random_checkpoint(out, processor_source=PROCESSOR_SOURCE, vit_layers=vit, llm_layers=llm_layers,
-                            dit_layers=dit, llm=llm)
-    meta = {"layers": {"vit": vit, "llm": llm_layers, "dit": dit}, "vocab_size": vocab or 151936, "seed": 0}
+                            dit_layers=dit, llm=llm, dtype=getattr(torch, dtype))
+    meta = {"layers": {"vit": vit, "llm": llm_layers, "dit": dit}, "vocab_size": vocab or 151936, "seed": 0,
+            "dtype": dtype}
     Path(out, META).write_text(json.dumps(meta, indent=2))
 
 
 if __name__ == "__main__":
-    _build(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    _build(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])

@@ -71,7 +71,7 @@ def child(args) -> None:
     _sync(torch, args.device)
     result["load_s" if args.child == "warm" else "cold_load_s"] = time.perf_counter() - t0
     result["rss_after_load_gib"] = _rss_gib()
-    if args.child == "cold":
+    if args.child == "cold" and args.images:
         for key in ("first_image_s", "second_image_s"):
             t0 = time.perf_counter()
             pipe.generate(PROMPT, width=args.size, height=args.size, steps=args.steps, seed=0)
@@ -113,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="image width = height")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of each image")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in the measured process")
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="skip the two images of the fresh process (load times only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None, help="result file (default bench/results/load-<time>.json)")
     p.add_argument("--show", type=Path, default=None, help="print the table of an earlier result file and exit")
@@ -143,6 +145,8 @@ def _run_child(args, variant: dict, dtype: str, ckpt: Path, kind: str) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--ckpt", str(ckpt), "--dtype", dtype,
            "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
+    if not args.images:
+        cmd.append("--no-images")
     done = subprocess.run(cmd, env=env, cwd=variant["code"], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{variant['name']} {dtype}: the measured process failed:\n{done.stderr[-3000:]}")
@@ -203,10 +207,11 @@ def main(argv=None) -> int:
                 warm = _run_child(args, variant, dtype, ckpt, "warm")
                 cold = _run_child(args, variant, dtype, ckpt, "cold")
                 runs[dtype][variant["name"]].append({**cold, **warm})
+                images = (f", first image {cold['first_image_s']:.2f} s, second {cold['second_image_s']:.2f} s"
+                          if args.images else "")
                 log(f"[{repeat + 1}/{args.repeats}] {variant['name']:>8} {dtype:>8}: libraries "
                     f"{warm['libraries_s']:.2f} s + load {warm['load_s']:.2f} s | fresh process: load "
-                    f"{cold['cold_load_s']:.2f} s, first image {cold['first_image_s']:.2f} s, "
-                    f"second {cold['second_image_s']:.2f} s")
+                    f"{cold['cold_load_s']:.2f} s{images}")
     import torch
 
     doc = {

@@ -68,6 +68,18 @@ def _vae_tiling(pipe, device):
     pipe.enable_vae_tiling()
 
 
+def _fbcache(pipe, device):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    _require_attr(pipe.generation_decoder.decoder, "enable_cache", "fbcache")
+    pipe.generation_decoder.decoder.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+
+
+def _compile(pipe, device):
+    _require_attr(pipe, "compile_transformer", "compile")
+    pipe.compile_transformer()
+
+
 def _require_attr(obj, name, setting):
     if not hasattr(obj, name):
         raise RuntimeError(f"setting {setting!r} needs {type(obj).__name__}.{name}, which this code does not have")
@@ -82,6 +94,10 @@ SETTINGS = {
     "offload": ("pipe.enable_model_cpu_offload(device): components on the CPU, moved to the GPU to run",
                 True, (_offload,)),
     "vae_tiling": ("pipe.enable_vae_tiling(): VAE encode/decode in overlapping tiles", False, (_vae_tiling,)),
+    "fbcache": ("DiT first-block cache, threshold 0.05 (lossy: bench/cache_drift.py measures the drift)", False,
+                (_fbcache,)),
+    "compile": ("pipe.compile_transformer(): regional torch.compile of the DiT blocks (the warm-up run compiles)",
+                False, (_compile,)),
     # Load-time settings (LOAD_OPTIONS): passed to from_pretrained instead of applied afterwards.
     "int8": ("from_pretrained(quantization='int8'): CPU dynamic int8 / CUDA torchao int8 for the LLM and DiT",
              False, ()),

@@ -238,7 +238,8 @@ def _output_paths(output: str, count: int, mkdir: bool) -> list[tuple[Path, str]
     image_format = _save_formats().get(path.suffix.lower())
     if image_format is None:
         raise InvalidInputError(
-            f"-o/--output {output!r}: cannot write images in the {path.suffix!r} format; end it in .png, .jpg or .webp"
+            f"-o/--output {output!r}: cannot write images in the {path.suffix!r} format; end it in "
+            f"{', '.join(sorted(_save_formats()))}"
         )
     folder = path.parent
     if not folder.is_dir():
@@ -253,9 +254,12 @@ def _output_paths(output: str, count: int, mkdir: bool) -> list[tuple[Path, str]
 
 
 def _save_formats() -> dict[str, str]:
-    """File suffix → PIL format name, for the formats PIL can write."""
+    """File suffix → PIL format name, for the RGB formats this Pillow can write."""
     Image.init()
-    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in _RGB_FORMATS and fmt in Image.SAVE}
+
+
+_RGB_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 
 
 def _load(args):

@@ -36,6 +36,7 @@ from .sampling import (
     latents_preview,
     make_scheduler,
     pixels_to_pil,
+    use_reference_norms,
 )
 from .textgen import TokenCallback, generate_tokens
 from .tracing import RunTrace, TraceSink
@@ -289,6 +290,15 @@ class InternVLUPipeline:
         else:
             self.vae.disable_tiling()
 
+    def compile_transformer(self, **compile_kwargs) -> None:
+        """Opt-in regional ``torch.compile`` of the DiT's repeated blocks (same numbers; pays off on CUDA).
+
+        The first image compiles (tens of seconds); a new size or batch layout compiles again.
+        ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+        """
+        self._require_generation()
+        self.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
+
     def model_size_bytes(self) -> int:
         """Bytes of all weights and buffers as stored (quantised weights at their packed size)."""
         return sum(quantizing.module_bytes(module) for module in self.components.values())
@@ -318,7 +328,7 @@ class InternVLUPipeline:
     ) -> InternVLUPipelineOutput:
         """Same arguments and nesting as the official pipeline; one import changes, nothing else."""
         mode = check.generation_mode(generation_mode)
-        prompts, images = check.prompts_and_images(prompt, image, mode, self.limits)
+        prompts, images = check.prompts_and_images(prompt, image, limits=self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         text_kwargs, diffusion_kwargs = _split_kwargs(kwargs, mode)
         with self._lock:
@@ -327,15 +337,16 @@ class InternVLUPipeline:
                 ids = self._generate_text(prompts, images, "text", system_prompt, text_kwargs, None, token_callback)
                 return InternVLUPipelineOutput(generate_output=ids, text=self._decode(ids))
             self._require_generation()
+            given = {key: value for key, value in diffusion_kwargs.items() if value is not None}
             settings = self._diffusion_settings(
                 mode,
-                height=diffusion_kwargs.get("height"),
-                width=diffusion_kwargs.get("width"),
-                steps=diffusion_kwargs.get("num_inference_steps", DEFAULT_STEPS),
-                images_per_prompt=diffusion_kwargs.get("num_images_per_prompt", 1),
-                all_cfg_scale=diffusion_kwargs.get("all_cfg_scale"),
-                part_cfg_scale=diffusion_kwargs.get("part_cfg_scale"),
-                generator=diffusion_kwargs.get("generator"),
+                height=given.get("height"),
+                width=given.get("width"),
+                steps=given.get("num_inference_steps", DEFAULT_STEPS),
+                images_per_prompt=given.get("num_images_per_prompt", 1),
+                all_cfg_scale=given.get("all_cfg_scale"),
+                part_cfg_scale=given.get("part_cfg_scale"),
+                generator=given.get("generator"),
                 names=check.REFERENCE_NAMES,
             )
             reasoning_ids = None
@@ -917,6 +928,7 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid AutoencoderKLQwenImage config: {exc}") from exc
     load_weights_into(vae, folder, dtype=dtype, device=device)
+    use_reference_norms(vae)
     return vae.eval()
 
 

@@ -54,11 +54,18 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, std: float =
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def _save_module(module: torch.nn.Module, folder: Path, file: str, config: dict, skip: tuple[str, ...] = ()) -> None:
+def _save_module(
+    module: torch.nn.Module, folder: Path, file: str, config: dict, skip: tuple[str, ...] = (),
+    dtype: torch.dtype = torch.float32,
+) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in module.state_dict().items() if k not in skip}
+    state = {
+        k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in module.state_dict().items()
+        if k not in skip
+    }
     save_file(state, str(folder / file))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -76,8 +83,9 @@ def write_random_checkpoint(
     vae: dict | None = None,
     generation: dict | None = None,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Create ``out_dir`` with random weights; ``processor_source`` gives tokenizer + processor config."""
+    """Create ``out_dir`` with random weights stored as ``dtype``; ``processor_source`` gives tokenizer + processor config."""
     from diffusers import AutoencoderKLQwenImage
 
     from .transformer import InternVLUGenerationDecoder
@@ -96,7 +104,7 @@ def write_random_checkpoint(
     vlm = InternVLUChatModel(VLMConfig.from_dict(copy.deepcopy(vlm_cfg), "random"))
     _randomise(vlm, generator)
     skip = ("language_model.lm_head.weight",) if vlm_cfg["tie_word_embeddings"] else ()
-    _save_module(vlm, out / "vlm", "model.safetensors", vlm_cfg, skip)
+    _save_module(vlm, out / "vlm", "model.safetensors", vlm_cfg, skip, dtype)
     del vlm
 
     llm_width = llm_cfg["hidden_size"]
@@ -112,12 +120,12 @@ def write_random_checkpoint(
     }
     gen = InternVLUGenerationDecoder.from_config_dict(copy.deepcopy(gen_cfg))
     _randomise(gen, generator)
-    _save_module(gen, out / "generation_decoder", "model.safetensors", gen_cfg)
+    _save_module(gen, out / "generation_decoder", "model.safetensors", gen_cfg, dtype=dtype)
     del gen
 
     vae_cfg = {**RELEASED_VAE, **(vae or {})}
     model = AutoencoderKLQwenImage(**{k: v for k, v in vae_cfg.items() if not k.startswith("_")})
-    _save_module(model, out / "vae", "diffusion_pytorch_model.safetensors", vae_cfg)
+    _save_module(model, out / "vae", "diffusion_pytorch_model.safetensors", vae_cfg, dtype=dtype)
     del model
 
     source = Path(processor_source)

@@ -143,6 +143,28 @@ def _diffusers_version() -> str:
         return "unknown"
 
 
+def use_reference_norms(vae) -> None:
+    """Compute the VAE's RMS norms in the input dtype, as the reference's diffusers (0.35) does.
+
+    diffusers 0.38 and later normalise bfloat16/float16 inputs in float32 and cast back; in
+    bfloat16 that moves decoded pixels by up to about seven grey levels against the reference.
+    In float32 both are the same computation.
+    """
+    import torch.nn.functional as F
+
+    def reference_norm(module):
+        dim = 1 if module.channel_first else -1
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return F.normalize(x, dim=dim) * module.scale * module.gamma + module.bias
+
+        return forward
+
+    for module in vae.modules():
+        if type(module).__name__ == "QwenImageRMS_norm" and "forward" not in vars(module):
+            module.forward = reference_norm(module)
+
+
 class LatentCodec:
     """Normalised VAE latents ↔ pixels for ``AutoencoderKLQwenImage`` (images as 1-frame videos)."""
 

@@ -250,7 +250,7 @@ def image_list(value, name: str, *, allow_empty: bool, limits: Limits = DEFAULT_
 
 
 def prompts_and_images(
-    prompt, image, mode: str, limits: Limits = DEFAULT_LIMITS
+    prompt, image, *, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[list[str], list[list[Image.Image]]]:
     """Reference nesting → one prompt list and one image list per prompt."""
     if isinstance(prompt, str):
@@ -280,15 +280,6 @@ def prompts_and_images(
     return prompts, per_prompt
 
 
-def _number(value, name: str, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-        isinstance(value, torch.Tensor) and value.numel() == 1
-    ):
-        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value) if kind is float else value
-    return value
-
-
 def integer(value, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
@@ -301,7 +292,11 @@ def integer(value, name: str, low: int, high: int) -> int:
 
 
 def finite(value, name: str) -> float:
-    number = _number(value, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+        isinstance(value, torch.Tensor) and value.numel() == 1
+    ):
+        raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
+    number = float(value)
     if not math.isfinite(number):
         raise InvalidInputError(f"{name} = {value} must be a finite number")
     return number

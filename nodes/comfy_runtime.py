@@ -33,10 +33,6 @@ def comfy_module(name: str) -> ModuleType | None:
         return None
 
 
-def in_comfyui() -> bool:
-    return comfy_module("comfy.model_management") is not None
-
-
 # --- interruption ---------------------------------------------------------------------------
 
 _local_interrupt = threading.Event()

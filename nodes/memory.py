@@ -52,12 +52,6 @@ def load(patcher: Any) -> None:
     mm.load_models_gpu([patcher], force_full_load=True)
 
 
-def is_loaded(patcher: Any) -> bool:
-    """Whether ComfyUI currently counts the model as loaded."""
-    mm = comfy_module("comfy.model_management")
-    return any(entry.model is patcher for entry in mm.current_loaded_models)
-
-
 def unload(patcher: Any) -> bool:
     """Move the model to its offload device and drop it from ComfyUI's loaded list."""
     mm = comfy_module("comfy.model_management")

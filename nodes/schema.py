@@ -51,12 +51,6 @@ class InputSpec:
             return []
         return list(self.options() if callable(self.options) else self.options)
 
-    def widget_slots(self) -> int:
-        """How many entries this input occupies in a UI workflow's ``widgets_values``."""
-        if not self.is_widget:
-            return 0
-        return 2 if self.control_after_generate else 1
-
 
 @dataclass(frozen=True)
 class OutputSpec:

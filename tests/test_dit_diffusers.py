@@ -16,7 +16,6 @@ import diffusers
 import pytest
 import torch
 from diffusers import ConfigMixin, ModelMixin
-from packaging.version import Version
 from safetensors.torch import load_file
 
 from internvl_u_core.errors import InvalidInputError
@@ -171,20 +170,19 @@ def test_layerwise_casting_stores_bf16_and_computes_fp32(reference_steps):
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
 
 
-# diffusers before 0.36 looks up the current accelerator when it builds the groups: None on a CPU-only machine.
-_GROUP_OFFLOAD_NEEDS_ACCELERATOR = Version(diffusers.__version__) < Version("0.36") and (
-    not hasattr(torch, "accelerator") or torch.accelerator.current_accelerator() is None
-)
-
-
-@pytest.mark.skipif(_GROUP_OFFLOAD_NEEDS_ACCELERATOR, reason="this diffusers needs an accelerator for group offload")
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offload_to_disk_gives_the_same_numbers(tmp_path, offload_type, reference_steps):
     model = _dit()
     kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
-    model.enable_group_offload(
-        onload_device=torch.device("cpu"), offload_type=offload_type, offload_to_disk_path=str(tmp_path), **kwargs
-    )
+    try:
+        model.enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type=offload_type, offload_to_disk_path=str(tmp_path), **kwargs
+        )
+    except AttributeError as exc:
+        # diffusers before 0.41 asks for the current accelerator when it builds the groups: None without one.
+        if torch.accelerator.current_accelerator() is None and "'NoneType' object has no attribute 'type'" in str(exc):
+            pytest.skip(f"diffusers {diffusers.__version__} needs an accelerator for group offloading")
+        raise
     assert list(tmp_path.iterdir()), "weights were offloaded to disk"
     for a, b in zip(_steps(model, _inputs()), reference_steps["rows"]):
         assert torch.equal(a, b)
@@ -219,3 +217,23 @@ def test_compile_repeated_blocks_traces_each_block_whole(case, reference_steps):
     for a, b in zip(_steps(model, _inputs(*CASES[case])), reference_steps[case]):
         assert torch.equal(a, b)
     torch._dynamo.reset()
+
+
+def test_pipeline_compile_switch_keeps_the_images():
+    """``pipe.compile_transformer`` is the user-facing switch; with it the images are the same."""
+    import numpy as np
+    from conftest import TINY_CHECKPOINT
+
+    from internvl_u_core import InternVLUPipeline
+
+    torch._dynamo.reset()
+    pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu")
+    before = pipe.generate("a fox", width=32, height=32, steps=2, seed=3)[0]
+    pipe.compile_transformer(backend="eager")
+    after = pipe.generate("a fox", width=32, height=32, steps=2, seed=3)[0]
+    assert np.array_equal(np.asarray(before), np.asarray(after))
+    torch._dynamo.reset()
+    text_only = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu",
+                                                  components=("vlm",))
+    with pytest.raises(InvalidInputError, match="image components"):
+        text_only.compile_transformer()

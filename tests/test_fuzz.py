@@ -121,7 +121,7 @@ def test_validation_never_raises_foreign_errors(height, width, steps, scale):
                        st.lists(st.lists(small_image, max_size=2), max_size=3)))
 def test_prompt_and_image_nesting_is_resolved_or_refused(prompt, image):
     try:
-        prompts, images = check.prompts_and_images(prompt, image, "text")
+        prompts, images = check.prompts_and_images(prompt, image)
     except InternVLUError as error:
         assert isinstance(error, (ValueError, TypeError)) and str(error)
         return

@@ -418,7 +418,7 @@ def _accepting(port: int) -> bool:
 def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "mcp", None)  # as if the extra were not installed
     assert cli_main(["mcp", "--model", str(CHECKPOINT)]) == 1
-    assert capsys.readouterr().err.strip().endswith('pip install "internvl-u[mcp]"')
+    assert capsys.readouterr().err.strip().endswith('pip install "mcp>=2.0,<3"')
 
 
 @pytest.mark.parametrize(

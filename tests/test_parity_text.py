@@ -16,7 +16,7 @@ def test_processor_outputs_exact(set_name, case):
     pipe = get_pipeline(set_name)
     expected = expected_tensors(set_name, case)
     prompts, images = validation.prompts_and_images(
-        case["inputs"]["prompt"], load_inputs(set_name, case["inputs"]["image"]), "text"
+        case["inputs"]["prompt"], load_inputs(set_name, case["inputs"]["image"])
     )
     batch = pipe.processor(prompts, images, "text", case["call_kwargs"].get("system_prompt"))
     assert torch.equal(batch.input_ids, expected["processor.0.input_ids"])
@@ -33,7 +33,7 @@ def test_vision_features_and_prefill_logits(set_name, case):
     pipe = get_pipeline(set_name)
     expected = expected_tensors(set_name, case)
     prompts, images = validation.prompts_and_images(
-        case["inputs"]["prompt"], load_inputs(set_name, case["inputs"]["image"]), "text"
+        case["inputs"]["prompt"], load_inputs(set_name, case["inputs"]["image"])
     )
     batch = pipe.processor(prompts, images, "text")
     with torch.inference_mode():

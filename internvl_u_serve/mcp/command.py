@@ -17,7 +17,10 @@ from pathlib import Path
 from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
 
-MISSING_SDK = 'internvl-u mcp: error: the MCP SDK is not installed; run: pip install "internvl-u[mcp]"'
+MISSING_SDK = (
+    'internvl-u mcp: error: the MCP SDK is not installed; install the [mcp] extra: pip install -e ".[mcp]" '
+    'in your clone, or pip install "mcp>=2.0,<3"'
+)
 HOST = "127.0.0.1"  # no authentication: reachable from this machine only
 
 

@@ -1,0 +1,38 @@
+"""The prepared GPU check runs its CPU fallback end to end (tiny checkpoint, 64², 2 steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_cpu_fallback(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--cpu", "--out", str(out), "--cache", str(tmp_path / "cache"),
+         "--runs", "1", "--warmup", "0", "--threads", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((out / "gpu-check.json").read_text())
+    assert doc["device"] == "cpu" and doc["config"]["size"] == 64 and doc["config"]["steps"] == 2
+    variants = doc["ours"]["variants"]
+    assert set(variants) == {"native", "_native_math", "native-fbcache-0.05", "native-compiled-eager"}
+    for name, variant in variants.items():
+        assert variant["total_median_s"] > 0 and variant["dit_step_median_s"] > 0, name
+    # Compiling the blocks changes no number; another SDPA kernel only rounds differently in bf16.
+    assert doc["image_differences"]["native-compiled-eager"] == {"mean_levels": 0.0, "max_levels": 0}
+    assert doc["image_differences"]["_native_math"]["mean_levels"] < 4
+    assert doc["reference"] == {"skipped": "no --reference folder given"}
+    # Text-to-image: two guidance rows (the dropped rows are computed once), 4×4 target tokens each plus text.
+    rows = doc["dit_flops"]["rows_tokens"]
+    assert len(rows) == 2 and all(n > 16 for n in rows)
+    assert doc["dit_flops"]["tflop_per_call"] > 0
+    assert (out / "ours-native.png").is_file() and (out / "ours-native-compiled-eager.png").is_file()
+    assert "| native |" in done.stdout
