@@ -1,9 +1,10 @@
 """The quantisation and offload ladder on a GPU: ``python bench/gpu_quant_check.py`` (bench/README.md).
 
-On a CUDA device, each variant in its own process: bfloat16 (the reference point), every quantisation
-mode the GPU runs (int8, fp8 on compute capability 8.9+, nf4 with bitsandbytes), and the offload
-rungs (model, group, sequential; int8 with model offload). Each loads a random-weight checkpoint at the
-released widths and depths (``--layers all``, built once), draws a 1024² image with 20 steps and
+Part of the prepared GPU check (``bench/gpu_check.sh``, which calls :func:`run_ladder`), and runnable
+on its own. On a CUDA device, each variant in its own process: bfloat16 (the reference point), every
+quantisation mode the GPU runs (int8, fp8 on compute capability 8.9+, nf4 with bitsandbytes), and the
+offload rungs (model, group, sequential; int8 with model offload). Each loads the GPU check's
+random-weight checkpoint at the released widths and depths (bfloat16, built once), draws a 1024² image with 20 steps and
 decodes 32 forced tokens of an answer, and reports the time per image and per step, the decode
 speed, the peak VRAM of loading and of each job, and the drift against bfloat16 (image max/mean
 difference and PSNR, logit cosine and KL over the fixed question set of ``bench/quant.py``).
@@ -127,19 +128,81 @@ def runnable(name: str, options: dict, device: str) -> str | None:
     return None
 
 
+def run_ladder(device: str, ckpt: Path, out: Path, threads: int, site: str | None = None,
+               names: list[str] | None = None) -> dict:
+    """Every variant of the ladder on ``device``, each in its own process; images and logits into ``out``.
+
+    ``site``: a folder with packages to put first on the children's path (the GPU check's carried wheels).
+    """
+    cuda = device.startswith("cuda")
+    variants = CUDA_VARIANTS if cuda else CPU_VARIANTS
+    reference = next(iter(variants))
+    if names:
+        unknown = [n for n in names if n not in variants]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(variants)}")
+        variants = {k: v for k, v in variants.items() if k in names or k == reference}
+    size, steps, warmup, tokens = (1024, 20, 1, 32) if cuda else (64, 2, 0, 4)
+    out.mkdir(parents=True, exist_ok=True)
+    ladder: dict = {"config": {"size": size, "steps": steps, "warmup": warmup, "tokens": tokens,
+                               "reference": reference}, "variants": {}}
+    paths = [str(Path(site).resolve())] if site else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(REPO)])}
+    for name, options in variants.items():
+        reason = runnable(name, options, device)
+        if reason:
+            log(f"[ladder] {name} skipped: {reason}")
+            ladder["variants"][name] = {"skipped": reason}
+            continue
+        log(f"[ladder] {name}: {options or 'no options'}")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--options", json.dumps(options),
+               "--ckpt", str(ckpt), "--device", device, "--out", str(out), "--size", str(size), "--steps", str(steps),
+               "--warmup", str(warmup), "--tokens", str(tokens), "--threads", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+        if done.returncode != 0:
+            log(done.stderr[-3000:])
+            lines = done.stderr.strip().splitlines()
+            ladder["variants"][name] = {"error": lines[-1][:500] if lines else f"exit code {done.returncode}"}
+            continue
+        ladder["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"[ladder] {name}: {ladder['variants'][name]}")
+    _add_drift(ladder, out, reference)
+    return ladder
+
+
+def ladder_markdown(ladder: dict) -> str:
+    reference = ladder["config"]["reference"]
+    lines = [f"| variant | weights GiB | load s | peak VRAM load / t2i / understand GiB | t2i s | DiT s/step | "
+             f"decode tok/s | t2i vs {reference}: max / mean / PSNR | logit cosine (min) | KL median |",
+             "|---|---:|---:|---|---:|---:|---:|---|---|---:|"]
+    for name, v in ladder["variants"].items():
+        if "t2i" not in v:
+            lines.append(f"| {name} | {(v.get('skipped') or v.get('error') or '')[:100]} | | | | | | | | |")
+            continue
+        peaks = " / ".join(str(x) for x in (v["load_peak_vram_gib"], v["t2i"]["peak_vram_gib"],
+                                            v["understand"]["peak_vram_gib"]))
+        image, text = v.get("t2i_drift"), v.get("text_drift")
+        image_text = f"{image['max_abs']:.0f} / {image['mean_abs']} / {image['psnr_db']} dB" if image else "reference"
+        text_text = f"{text['cosine_median']} ({text['cosine_min']}) | {text['kl_median']}" if text else "| "
+        lines.append(f"| {name} | {v['weights_gib']} | {v['load_s']} | {peaks} | {v['t2i']['total_s']} | "
+                     f"{v['t2i']['dit_step_s']} | {v['understand']['decode_tok_s']} | {image_text} | {text_text} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/gpu_quant_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="the CPU fallback even when CUDA is present")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants")
-    p.add_argument("--layers", default="all", help="layers of the random checkpoint on CUDA (default: released)")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/internvlu-gpu-check"),
+                   help="checkpoint cache on CUDA (the GPU check's: the bf16 checkpoint is built once)")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON and the images")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--options", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--device", help=argparse.SUPPRESS)
-    for name, value in (("size", 0), ("steps", 0), ("warmup", 0), ("tokens", 0)):
-        p.add_argument(f"--{name}", type=int, default=value, help=argparse.SUPPRESS)
+    for name in ("size", "steps", "warmup", "tokens"):
+        p.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         args.name = args.child
@@ -150,42 +213,19 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda" if cuda else "cpu"
-    variants = CUDA_VARIANTS if cuda else CPU_VARIANTS
-    if args.variants:
-        wanted = [v.strip() for v in args.variants.split(",")]
-        unknown = [v for v in wanted if v not in variants]
-        if unknown:
-            log(f"error: unknown variant(s) {unknown}; choose from {', '.join(variants)}")
-            return 2
-        variants = {k: v for k, v in variants.items() if k in wanted or k == next(iter(variants))}
-    size, steps, warmup, tokens = (1024, 20, 1, 32) if cuda else (64, 2, 0, 4)
-    ckpt = ensure_checkpoint(args.layers, say=log) if cuda else TINY_CHECKPOINT
+    ckpt = ensure_checkpoint("all", say=log, cache=args.cache, dtype="bfloat16") if cuda else TINY_CHECKPOINT
     started = _dt.datetime.now().astimezone()
     out = args.out or BENCH / "results" / f"gpu-quant-{device}-{started.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
-    doc: dict = {"created": started.isoformat(timespec="seconds"), "device": device,
-                 "gpu": torch.cuda.get_device_name() if cuda else None, "checkpoint": str(ckpt),
-                 "config": {"size": size, "steps": steps, "warmup": warmup, "tokens": tokens}, "variants": {}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    for name, options in variants.items():
-        reason = runnable(name, options, device)
-        if reason:
-            log(f"[{name}] skipped: {reason}")
-            doc["variants"][name] = {"skipped": reason}
-            continue
-        log(f"[{name}] {options or 'no options'}")
-        cmd = [sys.executable, str(Path(__file__)), "--child", name, "--options", json.dumps(options),
-               "--ckpt", str(ckpt), "--device", device, "--out", str(out), "--size", str(size), "--steps", str(steps),
-               "--warmup", str(warmup), "--tokens", str(tokens), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            log(done.stderr[-3000:])
-            doc["variants"][name] = {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
-            continue
-        doc["variants"][name] = json.loads(done.stdout.strip().splitlines()[-1])
-        log(f"[{name}] {doc['variants'][name]}")
-    _add_drift(doc, out, next(iter(variants)))
+    names = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    try:
+        ladder = run_ladder(device, ckpt, out, args.threads, names=names)
+    except ValueError as exc:
+        log(f"error: {exc}")
+        return 2
+    doc = {"created": started.isoformat(timespec="seconds"), "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "checkpoint": str(ckpt), "ladder": ladder}
     (out / "gpu_quant_check.json").write_text(json.dumps(doc, indent=1))
+    print(ladder_markdown(ladder))
     log(f"results: {out / 'gpu_quant_check.json'}")
     return 0
 
