@@ -209,7 +209,9 @@ def _quantize_linears(module, plan):
                 packed = bnb.nn.Linear4bit(child_module.in_features, child_module.out_features,
                                            bias=child_module.bias is not None, quant_type="nf4",
                                            compute_dtype=plan.dtype)
-                packed.weight = bnb.nn.Params4bit(child_module.weight.data, requires_grad=False, quant_type="nf4")
+                # compress_statistics=False: no double quantisation, as BitsAndBytesConfig's default.
+                packed.weight = bnb.nn.Params4bit(child_module.weight.data, requires_grad=False, quant_type="nf4",
+                                                  compress_statistics=False)
                 setattr(parent, name, packed.to(plan.device))
     return module
 
