@@ -403,14 +403,18 @@ def memory_rows(doc: dict, activation_gib: float) -> list[dict]:
     return rows
 
 
-def memory_table(doc: dict, activation_gib: float) -> str:
-    lines = ["| quantization | offload | weights (GiB) | GPU memory at 1024² (GiB) | weight transfer (PCIe 4.0) | "
-             + " | ".join(f"{c} GB" for c in CARDS_GIB) + " |",
-             "|---|---|---:|---:|---|" + "---|" * len(CARDS_GIB)]
-    for row in memory_rows(doc, activation_gib):
-        fits = " | ".join("✔" if c in row["fits"] else "✘" for c in CARDS_GIB)
+def memory_table(doc: dict, activations: dict) -> str:
+    """Markdown: every mode and rung, GPU memory without and with VAE tiling, which cards fit (without)."""
+    plain = memory_rows(doc, activations["default"])
+    tiled = memory_rows(doc, activations.get("vae_tiling", activations["default"]))
+    lines = ["| quantization | offload | weights (GiB) | GPU memory at 1024² (GiB) | with `--vae-tiling` | "
+             "weight transfer (PCIe 4.0 x16) | " + " | ".join(f"{c} GB" for c in CARDS_GIB) + " |",
+             "|---|---|---:|---:|---:|---|" + "---|" * len(CARDS_GIB)]
+    for row, tiled_row in zip(plain, tiled):
+        fits = " | ".join("✔" if c in row["fits"] else ("✔ tiled" if c in tiled_row["fits"] else "✘")
+                          for c in CARDS_GIB)
         lines.append(f"| {row['mode']} | {row['offload']} | {row['weights_gib']} | {row['on_gpu_gib']} | "
-                     f"{row['transfer']} | {fits} |")
+                     f"{tiled_row['on_gpu_gib']} | {row['transfer']} | {fits} |")
     return "\n".join(lines)
 
 
@@ -452,15 +456,14 @@ def main(argv=None) -> int:
         return child(args)
     if args.show:
         doc = json.loads(args.show.read_text())
-        timing_file = args.show.with_name(doc.get("timing_file", ""))
-        if doc.get("timing_file") and timing_file.is_file():  # summarised again, with this version's metrics
-            doc["timing"] = timing_summary(json.loads(timing_file.read_text()), doc["modes"])
+        if doc.get("timing_file") and args.show.with_name(doc["timing_file"]).is_file():
+            # summarised again, with this version's metrics
+            doc["timing"] = timing_summary(json.loads(args.show.with_name(doc["timing_file"]).read_text()), doc["modes"])
         print(markdown(doc))
         if args.memory_table:
             activations = activation_estimate(json.loads(args.memory_table.read_text()))
-            for variant, gib in activations.items():
-                print(f"\nActivations {variant}: {gib} GiB\n")
-                print(memory_table(doc, gib))
+            print(f"\nActivations at 1024² (GiB, bfloat16): {activations}\n")
+            print(memory_table(doc, activations))
         return 0
     default_modes = CUDA_MODES if args.device.startswith("cuda") else CPU_MODES
     modes = [m.strip() for m in (args.modes or ",".join(default_modes)).split(",") if m.strip()]
