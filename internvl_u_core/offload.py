@@ -12,7 +12,7 @@ Three rungs, from the fastest to the one that needs the least GPU memory:
     running component (embeddings, heads, norms, projectors) and the VAE move whole.
 ``sequential``
     Every layer moves to the GPU only for its own call (diffusers' leaf-level hooks, synchronous
-    copies): the least GPU memory, the slowest. The VAE still moves whole.
+    copies): the least GPU memory, the slowest. The VAE and the LLM's embedding still move whole.
 
 The hooks are diffusers' (``diffusers.hooks.apply_group_offloading``), which work on any torch
 module, so the transformers LLM and our ViT use them like the DiT does.
@@ -38,8 +38,8 @@ MODE_HELP = {
     "sequential": "every layer moves to the GPU only for its own call (least GPU memory, slowest)",
 }
 _CPU = torch.device("cpu")
-# The LLM's children that stay whole in group mode: the embedding is called outside the model's
-# forward (to splice in the image features) and is tied to the LM head.
+# The LLM's children that move whole in group and sequential mode (see _hook): the embedding (and
+# with it the tied LM head) and the rotary table.
 _LLM_RESIDENT = ("embed_tokens", "rotary_emb")
 
 
@@ -120,8 +120,8 @@ def attach(components: Mapping[str, nn.Module], mode: str, device: torch.device)
             # The ViT's encoder holds only its layers and is never called itself: diffusers' stream
             # prefetching needs a calling parent, so its blocks move synchronously.
             owners += [vlm.vision_model.encoder, vlm.language_model.model]
-            hooked += _block_offload(vlm.vision_model.encoder, device, keep=(), use_stream=False)
-            hooked += _block_offload(vlm.language_model.model, device, keep=_LLM_RESIDENT, use_stream=stream)
+            hooked += _hook(vlm.vision_model.encoder, device, "block_level", keep=(), use_stream=False)
+            hooked += _hook(vlm.language_model.model, device, "block_level", keep=_LLM_RESIDENT, use_stream=stream)
         if decoder is not None:
             dit = decoder.decoder
             dit.enable_group_offload(
@@ -130,36 +130,36 @@ def attach(components: Mapping[str, nn.Module], mode: str, device: torch.device)
             owners.append(dit)
             hooked.append(dit)
     elif mode == "sequential":
-        from diffusers.hooks import apply_group_offloading
-
-        parts = [vlm.vision_model, vlm.mlp1, vlm.language_model] if vlm is not None else []
-        parts += [decoder.decoder] if decoder is not None else []
-        for part in parts:
-            apply_group_offloading(part, onload_device=device, offload_type="leaf_level")
+        parts = [(vlm.vision_model, ()), (vlm.mlp1, ()), (vlm.language_model.model, _LLM_RESIDENT)] if vlm else []
+        parts += [(decoder.decoder, ())] if decoder is not None else []
+        for part, keep in parts:
             owners.append(part)
-            hooked.append(part)
+            hooked += _hook(part, device, "leaf_level", keep=keep, use_stream=False)
     elif mode != "model":
         raise InvalidInputError(f"offload mode {mode!r} is not one of {', '.join(MODES)}")
     return Offloader(mode, device, tuple(hooked), tuple(owners))
 
 
-def _block_offload(owner: nn.Module, device: torch.device, keep: Iterable[str], use_stream: bool) -> list[nn.Module]:
-    """Block-level group offloading of ``owner``'s block lists; its children named in ``keep`` move whole.
+def _hook(owner: nn.Module, device: torch.device, offload_type: str, keep: Iterable[str], use_stream: bool):
+    """diffusers' group offloading on ``owner`` (blocks or leaves); its children named in ``keep`` move whole.
 
-    diffusers puts an owner's other children in one group loaded when the owner runs; the kept ones
-    are hidden while the hooks are built, so they stay outside every group. Returns the hooked children.
+    The kept children are hidden while the hooks are built, so they stay outside every group. Returns
+    the hooked modules (``owner`` itself when nothing is kept). The LLM keeps its embedding: it runs
+    outside the LLM's forward, the released head is tied to it, and transformers' ``generate`` puts its
+    tensors on the device of this first parameter.
     """
     from diffusers.hooks import apply_group_offloading
 
     order = list(owner._modules)
     kept = {name: owner._modules.pop(name) for name in keep if name in owner._modules}
+    options = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
     try:
-        apply_group_offloading(
-            owner, onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream
-        )
+        apply_group_offloading(owner, onload_device=device, offload_type=offload_type, use_stream=use_stream, **options)
     finally:
         owner._modules.update(kept)
         owner._modules = {name: owner._modules[name] for name in order}
+    if not kept and offload_type == "leaf_level":
+        return [owner]
     return [child for name, child in owner.named_children() if name not in kept]
 
 

@@ -55,17 +55,20 @@ def test_every_mode_gives_identical_results(reference, mode, hooks):
     assert np.array_equal(np.asarray(pipe.generate("a red fox", width=64, height=64, steps=2, seed=0)[0]), reference[0])
 
 
-def test_group_mode_keeps_the_embedding_and_small_parts_outside_the_hooks(tiny_pipe):
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_the_embedding_and_small_parts_stay_outside_the_hooks(mode):
     pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu")
-    offloader = offload.attach(pipe.components, "group", torch.device("cpu"))
+    offloader = offload.attach(pipe.components, mode, torch.device("cpu"))
     hooked = {id(m) for m in offloader.hooked}
     llm = pipe.vlm.language_model
-    # The embedding runs outside the LLM's forward (image features are spliced in) and the released
-    # model ties it to the head: both move with the component instead of through a hook.
+    # The embedding runs outside the LLM's forward (image features are spliced in), the released model
+    # ties it to the head, and generate() follows its device: both move with the component instead.
     for resident in (llm.model.embed_tokens, llm.lm_head, pipe.vlm.special_token_embedding, pipe.vae):
         assert not any(id(m) in hooked for m in resident.modules())
         assert not hasattr(resident, "_diffusers_hook")
-    assert {id(llm.model.layers), id(pipe.vlm.vision_model.encoder.layers), id(pipe.generation_decoder.decoder)} <= hooked
+    assert id(llm.model.layers) in hooked and id(pipe.generation_decoder.decoder) in hooked
+    vit_hooked = pipe.vlm.vision_model.encoder.layers if mode == "group" else pipe.vlm.vision_model
+    assert id(vit_hooked) in hooked
 
 
 @NO_CUDA
