@@ -199,7 +199,7 @@ def _quantize_linears(module, plan):
     if plan.backend == q.TORCHAO:
         from torchao.quantization import quantize_
 
-        quantize_(module, q._torchao_config(plan.mode))
+        quantize_(module, q.torchao_config(plan.mode))
         return module
     import bitsandbytes as bnb
 

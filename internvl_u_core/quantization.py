@@ -232,7 +232,7 @@ def transformers_config(plan: QuantizationPlan):
         )
     from transformers import TorchAoConfig
 
-    return TorchAoConfig(quant_type=_torchao_config(plan.mode))
+    return TorchAoConfig(quant_type=torchao_config(plan.mode))
 
 
 def diffusers_config(plan: QuantizationPlan):
@@ -250,10 +250,11 @@ def diffusers_config(plan: QuantizationPlan):
     if hasattr(TorchAoConfig, "_get_torchao_quant_type_to_method"):
         name = {"int8": "int8wo", "fp8": "float8wo_e4m3"}[plan.mode]
         return TorchAoConfig(name, modules_to_not_convert=list(DIT_FULL_PRECISION))
-    return TorchAoConfig(_torchao_config(plan.mode), modules_to_not_convert=list(DIT_FULL_PRECISION))
+    return TorchAoConfig(torchao_config(plan.mode), modules_to_not_convert=list(DIT_FULL_PRECISION))
 
 
-def _torchao_config(mode: str):
+def torchao_config(mode: str):
+    """torchao's config object for ``int8`` or ``fp8`` (weight-only; what both libraries' TorchAoConfig wrap)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
