@@ -212,6 +212,7 @@ def _quantize_linears(module, plan):
                 # compress_statistics=False: no double quantisation, as BitsAndBytesConfig's default.
                 packed.weight = bnb.nn.Params4bit(child_module.weight.data, requires_grad=False, quant_type="nf4",
                                                   compress_statistics=False)
+                packed.bias = child_module.bias
                 setattr(parent, name, packed.to(plan.device))
     return module
 
