@@ -14,6 +14,7 @@ from .errors import (
 from .limits import DEFAULT_LIMITS, Limits, random_seed
 from .loading import DEFAULT_HUB_ID, download_checkpoint
 from .pipeline import InternVLUPipeline, InternVLUPipelineOutput, Reasoning
+from .remote import RemoteError, RemoteInternVLU
 
 __all__ = [
     "DEFAULT_HUB_ID",
@@ -28,6 +29,8 @@ __all__ = [
     "Limits",
     "ModelLoadError",
     "Reasoning",
+    "RemoteError",
+    "RemoteInternVLU",
     "download_checkpoint",
     "random_seed",
 ]

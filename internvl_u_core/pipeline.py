@@ -5,6 +5,8 @@ Data flows one way: processor → VLM → conditioning → diffusion transformer
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -19,7 +21,7 @@ from . import offload as offloading
 from . import quantization as quantizing
 from . import validation as check
 from .conditioning import conditioning_spans, reassemble_with_reasoning
-from .errors import GenerationCancelled, InvalidInputError, ModelLoadError
+from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError, ModelLoadError
 from .limits import (
     DEFAULT_ANSWER_TOKENS,
     DEFAULT_GUIDANCE,
@@ -30,6 +32,8 @@ from .limits import (
 from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
+    FLOW_SHIFT,
+    RENORM_TIMESTEP,
     LatentCodec,
     StepCallback,
     combine_guidance,
@@ -38,7 +42,7 @@ from .sampling import (
     pixels_to_pil,
     use_reference_norms,
 )
-from .textgen import TokenCallback, generate_tokens
+from .textgen import TextCallback, TokenCallback, generate_tokens
 from .tracing import RunTrace, TraceSink
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
 
@@ -50,7 +54,7 @@ TEXT_KWARGS = (
 )
 DIFFUSION_KWARGS = (
     "num_inference_steps", "num_images_per_prompt", "all_cfg_scale", "part_cfg_scale",
-    "height", "width", "generator",
+    "height", "width", "generator", "timestep_trunc", "flow_shift",
 )
 
 
@@ -74,6 +78,8 @@ class DiffusionSettings:
     all_cfg_scale: float
     part_cfg_scale: float
     generator: torch.Generator | list[torch.Generator] | None
+    timestep_trunc: float = RENORM_TIMESTEP  # guidance renormalised at integer timesteps above it (<= 0: never)
+    flow_shift: float = FLOW_SHIFT
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,27 @@ class Reasoning:
     num_images: int
     system_prompt: str | None = None
 
+    def to_dict(self) -> dict:
+        """JSON-ready fields (how a server sends a reasoning and takes it back)."""
+        return {"text": self.text, "token_ids": list(self.token_ids), "prompt": self.prompt,
+                "num_images": self.num_images, "system_prompt": self.system_prompt}
+
+    @classmethod
+    def from_dict(cls, data, name: str = "reasoning") -> Reasoning:
+        """The inverse of :meth:`to_dict`; a malformed ``data`` raises an error naming the bad field."""
+        if not isinstance(data, dict):
+            raise InvalidInputTypeError(f"{name} must be an object with text, token_ids, prompt and num_images")
+        ids, images, system = data.get("token_ids"), data.get("num_images", 0), data.get("system_prompt")
+        if not isinstance(data.get("text"), str) or not isinstance(data.get("prompt", ""), str):
+            raise InvalidInputTypeError(f"{name}.text and {name}.prompt must be strings")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidInputTypeError(f"{name}.token_ids must be a list of integer token ids")
+        if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+            raise InvalidInputError(f"{name}.num_images must be a non-negative integer, got {images!r}")
+        if system is not None and not isinstance(system, str):
+            raise InvalidInputTypeError(f"{name}.system_prompt must be a string or null")
+        return cls(data["text"], tuple(ids), data.get("prompt", ""), images, system)
+
 
 @dataclass(frozen=True)
 class ImageRequest:
@@ -108,6 +135,8 @@ class ImageRequest:
     steps: int
     all_cfg_scale: float | None
     part_cfg_scale: float | None
+    timestep_trunc: float | None
+    flow_shift: float | None
     seed: int | None
     generator: torch.Generator | None
     num_images: int
@@ -348,6 +377,8 @@ class InternVLUPipeline:
                 part_cfg_scale=given.get("part_cfg_scale"),
                 generator=given.get("generator"),
                 names=check.REFERENCE_NAMES,
+                timestep_trunc=given.get("timestep_trunc"),
+                flow_shift=given.get("flow_shift"),
             )
             reasoning_ids = None
             if mode == "text_image":
@@ -381,10 +412,11 @@ class InternVLUPipeline:
         seed: int | None = None,
         system_prompt: str | None = None,
         token_callback: TokenCallback | None = None,
+        text_callback: TextCallback | None = None,
     ) -> str:
         """Answer ``question`` about zero, one or several images."""
         ids, _ = self._text_job(
-            question, "question", images, "text", system_prompt, seed, token_callback,
+            question, "question", images, "text", system_prompt, seed, token_callback, text_callback,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
@@ -459,10 +491,11 @@ class InternVLUPipeline:
         seed: int | None = None,
         system_prompt: str | None = None,
         token_callback: TokenCallback | None = None,
+        text_callback: TextCallback | None = None,
     ) -> Reasoning:
         """The chain-of-thought the model writes before drawing (``text_image`` mode's first stage)."""
         ids, pictures = self._text_job(
-            prompt, "prompt", images, "text_image", system_prompt, seed, token_callback,
+            prompt, "prompt", images, "text_image", system_prompt, seed, token_callback, text_callback,
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
             temperature=temperature, top_p=top_p, num_beams=num_beams,
         )
@@ -474,15 +507,21 @@ class InternVLUPipeline:
             system_prompt=system_prompt,
         )
 
-    def _text_job(self, text, name, images, mode, system_prompt, seed, token_callback, **sampling):
+    def _text_job(self, text, name, images, mode, system_prompt, seed, token_callback, text_callback, **sampling):
         """Validate one prompt's text job and decode it; returns the new ids and the loaded images."""
         text = check.text(text, name, self.limits)
         pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         kwargs = check.text_kwargs(sampling, default_max_new_tokens=None, limits=self.limits)
         seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
+        streaming = text_callback is not None and kwargs.get("num_beams", 1) == 1
+        ids_callback = (lambda new_ids: text_callback(self._decode(new_ids[:1])[0])) if streaming else None
         with self._lock:
-            ids = self._generate_text([text], [pictures], mode, system_prompt, kwargs, seed, token_callback)
+            ids = self._generate_text(
+                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback, ids_callback
+            )
+        if text_callback is not None and not streaming:  # beam search knows its answer only at the end
+            check.run_text_callback(text_callback, self._decode(ids)[0])
         return ids, pictures
 
     def generate(
@@ -494,6 +533,8 @@ class InternVLUPipeline:
         steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         num_images: int = 1,
@@ -505,7 +546,7 @@ class InternVLUPipeline:
         prompt = check.text(prompt, "prompt", self.limits)
         request = ImageRequest(
             width=width, height=height, steps=steps, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
-            seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
+            timestep_trunc=timestep_trunc, flow_shift=flow_shift, seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
             system_prompt=system_prompt, callback=callback,
         )
         return self._draw(prompt, [], request)
@@ -520,6 +561,8 @@ class InternVLUPipeline:
         steps: int = DEFAULT_STEPS,
         all_cfg_scale: float | None = None,
         part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         num_images: int = 1,
@@ -532,7 +575,7 @@ class InternVLUPipeline:
         pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
         request = ImageRequest(
             width=width, height=height, steps=steps, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
-            seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
+            timestep_trunc=timestep_trunc, flow_shift=flow_shift, seed=seed, generator=generator, num_images=num_images, reasoning=reasoning,
             system_prompt=system_prompt, callback=callback,
         )
         return self._draw(instruction, pictures, request)
@@ -556,6 +599,78 @@ class InternVLUPipeline:
                 inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), logits_to_keep=1
             )
             return out.logits[0, -1].float().cpu()
+
+
+    def generate_batch(
+        self,
+        prompts: list[str],
+        seeds: list[int | None],
+        *,
+        images: list | None = None,
+        reasonings: list[Reasoning | None] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = DEFAULT_STEPS,
+        all_cfg_scale: float | None = None,
+        part_cfg_scale: float | None = None,
+        timestep_trunc: float | None = None,
+        flow_shift: float | None = None,
+        system_prompt: str | None = None,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt, image ``i`` bit-identical to ``generate``/``edit`` of prompt ``i`` with ``seeds[i]`` alone.
+
+        For servers: each prompt is conditioned on its own (its positions and padding are those of a
+        lone call) and only the denoising passes are shared. ``images[i]`` holds the edit inputs of
+        prompt ``i`` (all prompts edit, or none does); ``reasonings[i]`` a :class:`Reasoning` (all
+        prompts have one, or none has). Every output has the same size; ``None`` sides default as in
+        ``generate``/``edit`` and must then agree.
+        """
+        self._require_generation()
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise InvalidInputTypeError("prompts must be a non-empty list of strings")
+        count = len(prompts)
+        prompts = [check.text(p, f"prompts[{i}]", self.limits) for i, p in enumerate(prompts)]
+        for name, values in {"seeds": seeds, "images": images, "reasonings": reasonings}.items():
+            if (values is not None or name == "seeds") and (
+                not isinstance(values, (list, tuple)) or len(values) != count
+            ):
+                raise InvalidInputError(f"{name} must be a list with one entry per prompt ({count})")
+        generators = [_seeded_or_random(check.optional_seed(seed, self.limits)) for seed in seeds]
+        pictures = [
+            check.image_list(entry, f"images[{i}]", allow_empty=images is None, limits=self.limits)
+            for i, entry in enumerate(images or [None] * count)
+        ]
+        reasonings = list(reasonings or [None] * count)
+        if len({r is None for r in reasonings}) > 1:
+            raise InvalidInputError("reasonings: give a Reasoning for every prompt or for none (their defaults differ)")
+        for i, (reasoning, inputs) in enumerate(zip(reasonings, pictures)):
+            self._check_reasoning(reasoning, inputs, f"reasonings[{i}]")
+        sizes = {self._default_size(inputs, width, height) for inputs in pictures}
+        if len(sizes) > 1:
+            raise InvalidInputError(
+                "width/height: the prompts' outputs would have different sizes (their first input images differ); "
+                "give width and height"
+            )
+        width, height = sizes.pop()
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        with self._lock, self._releasing_accelerator_on_failure(), torch.inference_mode():
+            settings = self._diffusion_settings(
+                "image" if reasonings[0] is None else "text_image", height=height, width=width, steps=steps,
+                images_per_prompt=1, all_cfg_scale=all_cfg_scale, part_cfg_scale=part_cfg_scale,
+                generator=generators, names=check.API_NAMES, timestep_trunc=timestep_trunc, flow_shift=flow_shift,
+            )
+            trace = RunTrace(None)  # the fixtures' traces describe one call, not a shared pass
+            prepared = [
+                self._prepare_conditioning([prompt], [inputs], system_prompt, settings, self._reasoning_ids(reasoning),
+                                           trace)
+                for prompt, inputs, reasoning in zip(prompts, pictures, reasonings)
+            ]
+            # _sample reads only the prompt count and the (shared) generation size from the batch.
+            batch = dataclasses.replace(prepared[0][0], num_prompts=count)
+            cond = _merge_conditions([cond for _, cond in prepared])
+            latents = self._sample(batch, cond, settings, callback, trace)
+            return self._to_pictures(latents, (settings.width, settings.height), trace)
 
     def decode_latents_preview(
         self, latents: torch.Tensor, rgb_factors: torch.Tensor | None = None, rgb_bias: torch.Tensor | None = None
@@ -590,18 +705,9 @@ class InternVLUPipeline:
     def _draw(self, prompt: str, pictures: list[Image.Image], request: ImageRequest) -> list[Image.Image]:
         self._require_generation()
         reasoning = request.reasoning
-        if reasoning is not None and not isinstance(reasoning, Reasoning):
-            raise InvalidInputError(f"reasoning must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
-        if reasoning is not None and reasoning.num_images != len(pictures):
-            raise InvalidInputError(
-                f"reasoning was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
-                "call reason() with the same images"
-            )
+        self._check_reasoning(reasoning, pictures, "reasoning")
         system_prompt = check.system_prompt(request.system_prompt, self.limits)
-        width, height = request.width, request.height
-        if pictures:  # each missing side defaults to the first input image's (at least the smallest size)
-            width = max(pictures[0].width, self.limits.min_side) if width is None else width
-            height = max(pictures[0].height, self.limits.min_side) if height is None else height
+        width, height = self._default_size(pictures, request.width, request.height)
         generator = request.generator
         if generator is None:
             generator = check.seed_generator(check.optional_seed(request.seed, self.limits))
@@ -616,18 +722,43 @@ class InternVLUPipeline:
                 part_cfg_scale=request.part_cfg_scale,
                 generator=generator,
                 names=check.API_NAMES,
+                timestep_trunc=request.timestep_trunc,
+                flow_shift=request.flow_shift,
             )
-            reasoning_ids = None
-            if reasoning is not None:
-                reasoning_ids = torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
-            return self._generate_images([prompt], [pictures], system_prompt, settings, reasoning_ids, request.callback)
+            return self._generate_images(
+                [prompt], [pictures], system_prompt, settings, self._reasoning_ids(reasoning), request.callback
+            )
+
+    def _default_size(self, pictures, width, height) -> tuple[int | None, int | None]:
+        """Each missing side defaults to the first input image's (at least the smallest size); text-to-image keeps None."""
+        if pictures:
+            width = max(pictures[0].width, self.limits.min_side) if width is None else width
+            height = max(pictures[0].height, self.limits.min_side) if height is None else height
+        return width, height
+
+    def _check_reasoning(self, reasoning, pictures, name: str) -> None:
+        if reasoning is None:
+            return
+        if not isinstance(reasoning, Reasoning):
+            raise InvalidInputError(f"{name} must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
+        if reasoning.num_images != len(pictures):
+            raise InvalidInputError(
+                f"{name} was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
+                "call reason() with the same images"
+            )
+        vocabulary = self.vlm.language_model.get_input_embeddings().num_embeddings
+        check.token_ids(reasoning.token_ids, f"{name}.token_ids", vocabulary)
+
+    @staticmethod
+    def _reasoning_ids(reasoning: Reasoning | None) -> torch.Tensor | None:
+        return None if reasoning is None else torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def _diffusion_settings(
         self, mode: str, *, height, width, steps, images_per_prompt, all_cfg_scale, part_cfg_scale, generator,
-        names: check.ArgumentNames,
+        names: check.ArgumentNames, timestep_trunc=None, flow_shift=None,
     ) -> DiffusionSettings:
         """Validate the caller's values; ``None`` sizes and scales take the checkpoint's and the mode's defaults."""
         config = self.generation_decoder.config
@@ -646,9 +777,13 @@ class InternVLUPipeline:
                 default_part if part_cfg_scale is None else part_cfg_scale, names.part_cfg_scale, self.limits
             ),
             generator=check.generator(generator),
+            timestep_trunc=check.finite(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, "timestep_trunc"),
+            flow_shift=check.positive(FLOW_SHIFT if flow_shift is None else flow_shift, "flow_shift"),
         )
 
-    def _generate_text(self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback) -> torch.Tensor:
+    def _generate_text(
+        self, prompts, images, mode, system_prompt, text_kwargs, seed, token_callback, ids_callback=None
+    ) -> torch.Tensor:
         """Run the processor and decode new tokens; ``text_image`` uses the full-condition rows only."""
         batch = self.processor(prompts, images, mode, system_prompt)
         n = len(prompts)
@@ -663,6 +798,7 @@ class InternVLUPipeline:
         return generate_tokens(
             self.vlm, input_ids, attention_mask, pixel_values,
             stop_ids=[self.eos_id, self.img_id], gen_kwargs=text_kwargs, seed=seed, token_callback=token_callback,
+            ids_callback=ids_callback,
         ).cpu()
 
     @property
@@ -671,10 +807,15 @@ class InternVLUPipeline:
         return min(context, self.limits.max_prompt_tokens or context)
 
     def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
-        try:
+        with self._releasing_accelerator_on_failure():
             return self._generate_images_unsafe(prompts, images, system_prompt, settings, reasoning_ids, callback)
+
+    @contextlib.contextmanager
+    def _releasing_accelerator_on_failure(self):
+        """A cancelled or failed run leaves nothing behind on the accelerator."""
+        try:
+            yield
         except BaseException:
-            # A cancelled or failed run leaves nothing behind on the accelerator.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise
@@ -693,6 +834,13 @@ class InternVLUPipeline:
                 f"generator is a list of {len(generator)} generators but the call draws {draws} images; "
                 "pass one generator, or one per image"
             )
+        trace = RunTrace(self.recorder)
+        batch, cond = self._prepare_conditioning(prompts, images, system_prompt, settings, reasoning_ids, trace)
+        latents = self._sample(batch, cond, settings, callback, trace)
+        return self._to_pictures(latents, (settings.width, settings.height), trace)
+
+    def _prepare_conditioning(self, prompts, images, system_prompt, settings, reasoning_ids, trace: RunTrace):
+        """Processor rows (with the chain-of-thought appended) → ``(batch, conditioning)`` for :meth:`_sample`."""
         mode = "image" if reasoning_ids is None else "text_image"
         batch = self.processor(prompts, images, mode, system_prompt,
                                height=settings.height, width=settings.width)
@@ -702,11 +850,8 @@ class InternVLUPipeline:
                 input_ids, attention_mask, reasoning_ids, n=len(prompts), im_end_id=self.im_end_id, img_id=self.img_id
             )
         check.prompt_length(input_ids.shape[1], 0, self.max_prompt_tokens, "prompt")
-        trace = RunTrace(self.recorder)
         trace.prompts(batch, input_ids, attention_mask)
-        cond = self._conditioning(batch, input_ids, attention_mask, trace)
-        latents = self._sample(batch, cond, settings, callback, trace)
-        return self._to_pictures(latents, (settings.width, settings.height), trace)
+        return batch, self._conditioning(batch, input_ids, attention_mask, trace)
 
     def _conditioning(self, batch: ProcessorOutput, input_ids, attention_mask, trace: RunTrace) -> Conditioning:
         """VLM hidden states of each row's user turn → padded decoder inputs, plus reference latents."""
@@ -806,7 +951,7 @@ class InternVLUPipeline:
         shape = (draws, channels, h_gen // scale, w_gen // scale)
         latents = randn_tensor(shape, generator=settings.generator, device=device, dtype=torch.float32)
         trace.record("diffusion.initial_latents", latents)
-        scheduler = make_scheduler(self.scheduler)
+        scheduler = make_scheduler(self.scheduler, settings.flow_shift)
         scheduler.set_timesteps(settings.steps, device=device)
         timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
@@ -816,7 +961,8 @@ class InternVLUPipeline:
             prediction = decoder.decoder.forward_with_context(model_input, timestep, context).to(torch.float32)
             v_full, v_part = prediction[:draws], prediction[draws : 2 * draws]
             v_uncond = prediction[2 * draws :] if groups == 3 else v_part  # identical rows: the same prediction
-            guided = combine_guidance(v_full, v_part, v_uncond, int(t), settings.all_cfg_scale, settings.part_cfg_scale)
+            guided = combine_guidance(v_full, v_part, v_uncond, int(t), settings.all_cfg_scale, settings.part_cfg_scale,
+                                      settings.timestep_trunc)
             stepped = scheduler.step(guided, t, latents, return_dict=False)[0]
             trace.step(index, t, model_input, timestep, prediction, guided, latents, stepped)
             latents = stepped
@@ -863,6 +1009,30 @@ def _check_offload_with(plan: quantizing.QuantizationPlan | None, offload_mode: 
             f"offload={offload_mode!r} cannot move {plan.backend}-quantised weights block by block yet "
             "(diffusers issues #13281, #14433); use offload='model' with quantization, or no quantization"
         )
+
+
+def _seeded_or_random(seed: int | None) -> torch.Generator:
+    """The generator ``generate(seed=...)`` would use; a fresh randomly seeded one for ``None``."""
+    generator = check.seed_generator(seed)
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    return generator
+
+
+def _merge_conditions(conditions: list[Conditioning]) -> Conditioning:
+    """Conditionings of single prompts → one batch conditioning, rows ordered ``[full × n, part × n, uncond × n]``."""
+    def rows(name):
+        return [getattr(cond, name)[group] for group in range(3) for cond in conditions]
+
+    return Conditioning(
+        spans=rows("spans"),
+        image_fhw=rows("image_fhw"),
+        references=rows("references"),
+        reference_grids=rows("reference_grids"),
+        target_grid=torch.stack(rows("target_grid")),
+        uncond_equals_part=all(cond.uncond_equals_part for cond in conditions),
+    )
 
 
 def _unique_text_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_context_id: int, enabled=True):

@@ -18,9 +18,9 @@ RENORM_EXPONENT = 0.4
 StepCallback = Callable[[int, int, torch.Tensor], "bool | None"]
 
 
-def make_scheduler(base_scheduler):
-    """A fresh scheduler per run (schedulers keep per-run state) with the forced flow shift."""
-    return type(base_scheduler).from_config(base_scheduler.config, flow_shift=FLOW_SHIFT)
+def make_scheduler(base_scheduler, flow_shift: float = FLOW_SHIFT):
+    """A fresh scheduler per run (schedulers keep per-run state) with the given flow shift (the released 3.0)."""
+    return type(base_scheduler).from_config(base_scheduler.config, flow_shift=flow_shift)
 
 
 def combine_guidance(
@@ -30,11 +30,16 @@ def combine_guidance(
     timestep: int,
     all_scale: float,
     part_scale: float,
+    renorm_above: float = RENORM_TIMESTEP,
 ) -> torch.Tensor:
-    """``u + part·(p − u) + all·(c − p)``; early steps divide each difference by ``max(‖Δ‖_c, 1)^0.4``."""
+    """``u + part·(p − u) + all·(c − p)``; early steps divide each difference by ``max(‖Δ‖_c, 1)^0.4``.
+
+    "Early" means an integer timestep above ``renorm_above``; ``renorm_above <= 0`` switches the
+    renormalisation off (as vLLM-Omni's ``timestep_trunc`` does).
+    """
     delta_part = v_part - v_uncond
     delta_all = v_full - v_part
-    if timestep > RENORM_TIMESTEP:
+    if 0 < renorm_above < timestep:
         delta_part = delta_part / _renorm_factor(delta_part)
         delta_all = delta_all / _renorm_factor(delta_all)
     return v_uncond + part_scale * delta_part + all_scale * delta_all

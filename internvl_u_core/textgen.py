@@ -11,11 +11,14 @@ from .errors import GenerationCancelled
 from .vlm import InternVLUChatModel
 
 TokenCallback = Callable[[int, int], "bool | None"]
+TextCallback = Callable[[str], "bool | None"]
+IdsCallback = Callable[[torch.Tensor], "bool | None"]
 
 
-def _token_progress(callback: TokenCallback, total: int):
+def _token_progress(callback: TokenCallback | None, ids_callback: IdsCallback | None, total: int):
     """A stopping criterion that reports each decoding step and stops every row on ``False``.
 
+    ``callback`` gets ``(step, total)``, ``ids_callback`` the new ids so far ``[rows, step]``.
     Built on demand so that importing this package does not import transformers.
     """
     from transformers import StoppingCriteria
@@ -27,7 +30,9 @@ def _token_progress(callback: TokenCallback, total: int):
 
         def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
             self.steps += 1
-            if callback(self.steps, total) is False:
+            if callback is not None and callback(self.steps, total) is False:
+                self.cancelled = True
+            if ids_callback is not None and not self.cancelled and ids_callback(input_ids) is False:
                 self.cancelled = True
             return torch.full((input_ids.shape[0],), self.cancelled, dtype=torch.bool, device=input_ids.device)
 
@@ -56,6 +61,7 @@ def generate_tokens(
     gen_kwargs: dict,
     seed: int | None = None,
     token_callback: TokenCallback | None = None,
+    ids_callback: IdsCallback | None = None,
 ) -> torch.Tensor:
     """New token ids ``[B, T]`` (stop token included, finished rows padded with ``stop_ids[0]``)."""
     embeds = vlm.embed_prompt(input_ids, pixel_values)
@@ -65,8 +71,8 @@ def generate_tokens(
 
     criteria = StoppingCriteriaList()
     progress = None
-    if token_callback is not None:
-        progress = _token_progress(token_callback, max_new)
+    if token_callback is not None or ids_callback is not None:
+        progress = _token_progress(token_callback, ids_callback, max_new)
         criteria.append(progress)
     kwargs["return_dict_in_generate"] = True
     if not kwargs.get("do_sample"):

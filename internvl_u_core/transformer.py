@@ -527,7 +527,7 @@ class InternVLUTransformerBlock(nn.Module):
         image_rows: torch.Tensor | None = None,
         text_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image stream [N_img, D], text stream [N_txt, D], temb [B, D] → both streams updated.
+        """Image stream [N_img, D], text stream [N_txt, D], temb [B, D] (or two equal rows, shared) → both updated.
 
         ``*_rows`` give each token's row when rows have different timesteps; None = one shared temb.
         """
@@ -827,10 +827,13 @@ class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         timestep = torch.as_tensor(timestep, device=device)
         if timestep.ndim == 0:
             timestep = timestep.expand(batch)
-        temb = self.time_text_embed(timestep, dtype)  # [B, D]
         # One shared modulation (broadcast) when every row has the same timestep, else per-token gathers.
         t_model = timestep.to(dtype)
         uniform = batch == 1 or torch.equal(t_model, t_model[:1].expand(batch))
+        # A shared timestep is embedded on a fixed two-row batch, whatever B is: each row's result then does
+        # not depend on how many rows share the pass (small matrix products round differently for different
+        # row counts, and one-row products take a BLAS path whose rounding follows the weights' alignment).
+        temb = self.time_text_embed(timestep[:1].expand(2) if uniform else timestep, dtype)  # [2 or B, D]
         img_rows = None if uniform else context.image_row_ids
         txt_rows = None if uniform else context.text_row_ids
 

@@ -6,6 +6,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Callable
@@ -163,7 +164,7 @@ def system_prompt(value, limits: Limits = DEFAULT_LIMITS, name: str = "system_pr
 
 
 def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
-    """A PIL image (any mode) or a path → an RGB PIL image; huge images are downscaled, absurd files refused."""
+    """A PIL image (any mode), a path or encoded bytes → an RGB PIL image; huge images are downscaled, absurd files refused."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, (str, os.PathLike)):
@@ -172,28 +173,16 @@ def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image
             raise InvalidInputError(f"{name}: {os.fspath(value)!r} is a folder, not an image file")
         if not path.is_file():
             raise InvalidInputError(f"{name}: image file {os.fspath(value)!r} does not exist")
-        try:
-            image = Image.open(path)  # reads the header only
-        except Image.DecompressionBombError as exc:
-            raise InvalidInputError(f"{name}: {os.fspath(value)!r} is too large to open safely ({exc}); downscale it first") from exc
-        except OSError as exc:
-            raise InvalidInputError(f"{name}: cannot read {os.fspath(value)!r} as an image ({exc})") from exc
-        if image.width * image.height > limits.max_input_file_pixels:
-            raise InvalidInputError(
-                f"{name}: {os.fspath(value)!r} is {image.width}×{image.height} pixels, more than the "
-                f"{limits.max_input_file_pixels:,} allowed; downscale it first"
-            )
-        if image.width * image.height > limits.max_input_pixels:
-            # JPEG can decode at 1/2, 1/4, 1/8 scale: never allocate the full image.
-            scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
-            image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+        image = _open_encoded(path, repr(os.fspath(value)), name, limits)
+    elif isinstance(value, (bytes, bytearray)):
+        image = _open_encoded(io.BytesIO(value), f"the {len(value):,}-byte image", name, limits)
     elif isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray":
         raise InvalidInputTypeError(
             f"{name} must be a PIL image or a file path, got a {type(value).__name__}; convert it with "
             "PIL.Image.fromarray(array_uint8_hwc)"
         )
     else:
-        raise InvalidInputTypeError(f"{name} must be a PIL image or a file path, got {type(value).__name__}")
+        raise InvalidInputTypeError(f"{name} must be a PIL image, a file path or bytes, got {type(value).__name__}")
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
     image = to_rgb(image, name)
@@ -201,6 +190,26 @@ def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image
         scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _open_encoded(source, label: str, name: str, limits: Limits) -> Image.Image:
+    """Open an image file lazily (header only) and refuse or draft-downscale it before any pixel is decoded."""
+    try:
+        image = Image.open(source)  # reads the header only
+    except Image.DecompressionBombError as exc:
+        raise InvalidInputError(f"{name}: {label} is too large to open safely ({exc}); downscale it first") from exc
+    except OSError as exc:
+        raise InvalidInputError(f"{name}: cannot read {label} as an image ({exc})") from exc
+    if image.width * image.height > limits.max_input_file_pixels:
+        raise InvalidInputError(
+            f"{name}: {label} is {image.width}×{image.height} pixels, more than the "
+            f"{limits.max_input_file_pixels:,} allowed; downscale it first"
+        )
+    if image.width * image.height > limits.max_input_pixels:
+        # JPEG can decode at 1/2, 1/4, 1/8 scale: never allocate the full image.
+        scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
+        image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
     return image
 
 
@@ -300,6 +309,23 @@ def finite(value, name: str) -> float:
     if not math.isfinite(number):
         raise InvalidInputError(f"{name} = {value} must be a finite number")
     return number
+
+
+def positive(value, name: str) -> float:
+    number = finite(value, name)
+    if number <= 0:
+        raise InvalidInputError(f"{name} = {value} must be > 0")
+    return number
+
+
+def token_ids(value, name: str, vocabulary: int) -> tuple[int, ...]:
+    """Token ids as a tuple of ints, each in ``0 … vocabulary - 1``."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidInputTypeError(f"{name} must be a list of integer token ids")
+    bad = [t for t in value if not 0 <= t < vocabulary]
+    if bad:
+        raise InvalidInputError(f"{name} holds ids outside the model's vocabulary 0…{vocabulary - 1}, e.g. {bad[0]}")
+    return tuple(value)
 
 
 def steps(value, limits: Limits = DEFAULT_LIMITS, name: str = "steps") -> int:
@@ -403,6 +429,11 @@ def prompt_length(tokens: int, new_tokens: int, limit: int, name: str) -> None:
             f"{name} is {tokens} tokens long (plus {new_tokens} new tokens), more than the model's context of "
             f"{limit} tokens; shorten it"
         )
+
+
+def run_text_callback(callback: Callable, text: str) -> None:
+    if callback(text) is False:
+        raise GenerationCancelled("text generation was stopped by the text callback")
 
 
 def latents(value, channels: int) -> torch.Tensor:

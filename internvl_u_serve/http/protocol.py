@@ -1,0 +1,555 @@
+"""vLLM-Omni's InternVL-U dialect of the OpenAI API: request fields → jobs, results → responses.
+
+Every problem with a request becomes an :class:`APIError` that names the field (OpenAI's
+``{"error": {"message", "type", "param", "code"}}``). Numbers and texts are checked with the
+core's own validation, so messages read the same as in-process errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import io
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from internvl_u_core import InternVLUError, Reasoning
+from internvl_u_core import validation as check
+from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
+
+from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
+
+MAX_N = 64  # images per request (the pipeline's own bound on num_images)
+_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error", 503: "server_error", 500: "server_error"}
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape; ``param`` names the request field at fault."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(param: str | None, message: str) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+@contextlib.contextmanager
+def field_named(name: str):
+    """Turn the core's validation errors into a 400 naming ``name``."""
+    try:
+        yield
+    except (ValueError, TypeError, InternVLUError) as exc:
+        raise bad_request(name, str(exc)) from exc
+
+
+@dataclass
+class ServerSettings:
+    """What the command line decides for every request."""
+
+    model_name: str
+    limits: check.Limits = field(default_factory=check.Limits)
+    think: bool = False  # the default of the per-request ``think`` field for image requests
+    allowed_image_hosts: frozenset[str] = frozenset()
+    max_image_bytes: int = 64 * 1024 * 1024
+
+
+class Fields:
+    """Typed, validated access to a request's top-level fields (JSON values or multipart strings)."""
+
+    def __init__(self, data: Mapping, *, form: bool = False):
+        self.data = data
+        self.form = form
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def raw(self, name: str):
+        return self.data.get(name)
+
+    def string(self, name: str, *, required: bool = False, limits: check.Limits | None = None) -> str | None:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise bad_request(name, f"{name} is required")
+            return None
+        with field_named(name):
+            return check.text(value, name, limits or check.DEFAULT_LIMITS)
+
+    def integer(self, name: str, low: int, high: int, default: int | None = None) -> int | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if self.form:
+            value = _parse_number(name, value, int)
+        with field_named(name):
+            return check.integer(value, name, low, high)
+
+    def number(self, name: str, default: float | None = None, *, low: float | None = None,
+               high: float | None = None, positive: bool = False) -> float | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if self.form:
+            value = _parse_number(name, value, float)
+        with field_named(name):
+            number = check.positive(value, name) if positive else check.finite(value, name)
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise bad_request(name, f"{name} = {number} is out of range; allowed {low}…{high}")
+        return number
+
+    def boolean(self, name: str, default: bool | None = None) -> bool | None:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if self.form and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        if not isinstance(value, bool):
+            raise bad_request(name, f"{name} must be true or false, got {value!r}")
+        return value
+
+    def json_object(self, name: str) -> dict | None:
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if self.form and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise bad_request(name, f"{name} must be a JSON object ({exc})") from exc
+        if not isinstance(value, dict):
+            raise bad_request(name, f"{name} must be an object, got {type(value).__name__}")
+        return value
+
+
+def _parse_number(name: str, value, kind):
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise bad_request(name, f"{name} must be a number, got {value!r}") from None
+        return number
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------
+def check_model(fields: Fields, settings: ServerSettings) -> None:
+    model = fields.raw("model")
+    if model is not None and model != settings.model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.model_name}`.",
+                       param="model", code="model_not_found")
+
+
+def parse_reasoning(fields: Fields) -> Reasoning | None:
+    """The ``reasoning`` extension field: a chain-of-thought from an earlier ``reason`` to draw from."""
+    data = fields.json_object("reasoning")
+    if data is None:
+        return None
+    with field_named("reasoning"):
+        return Reasoning.from_dict(data)
+
+
+def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, height: int | None) -> dict:
+    limits = settings.limits
+    return {
+        "width": width,
+        "height": height,
+        "steps": fields.integer("num_inference_steps", 1, limits.max_steps, default=DEFAULT_STEPS),
+        "all_cfg_scale": fields.number("all_cfg_scale"),
+        "part_cfg_scale": fields.number("part_cfg_scale"),
+        "timestep_trunc": fields.number("timestep_trunc"),
+        "flow_shift": fields.number("flow_shift", positive=True),
+    }
+
+
+def seed_of(fields: Fields, limits: check.Limits) -> int:
+    """The request's seed, or a fresh random one (every draw job carries its own seed)."""
+    seed = fields.integer("seed", 0, limits.max_seed)
+    return secrets.randbelow(2**63) if seed is None else seed
+
+
+def think_settings(fields: Fields, settings: ServerSettings, reasoning: Reasoning | None) -> dict | None:
+    """Chain-of-thought settings when the request draws in think mode, else ``None``."""
+    think = fields.boolean("think", default=None)
+    if think and reasoning is not None:
+        raise bad_request("think", "think: give either think=true (reason now) or a reasoning (reasoned before)")
+    if reasoning is not None or not (settings.think if think is None else think):
+        return None
+    return {"max_new_tokens": fields.integer("max_tokens", 1, settings.limits.max_new_tokens,
+                                             default=DEFAULT_REASONING_TOKENS)}
+
+
+def size_of(fields: Fields, settings: ServerSettings) -> tuple[int | None, int | None]:
+    """``size`` "WxH" (or "auto"), or the ``width``/``height`` extension fields."""
+    size = fields.raw("size")
+    width = fields.integer("width", settings.limits.min_side, settings.limits.max_side)
+    height = fields.integer("height", settings.limits.min_side, settings.limits.max_side)
+    if size is None or size == "auto":
+        return width, height
+    if width is not None or height is not None:
+        raise bad_request("size", "size: give size or width/height, not both")
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
+    if not match:
+        raise bad_request("size", f"size must look like '1024x1024' (width x height), got {size!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    with field_named("size"):
+        check.image_size(height, width, settings.limits)
+    return width, height
+
+
+# vLLM-Omni request fields that other models use but InternVL-U cannot honour: refused (400), so that
+# nobody believes they took effect. Fields without any effect on results (``user``, ``background``
+# other than transparent, ``vae_use_slicing``/``vae_use_tiling``) are accepted and ignored.
+UNSUPPORTED_FIELDS = {
+    "negative_prompt": "InternVL-U has no negative prompt (its guidance drops the condition instead)",
+    "guidance_scale": "InternVL-U's guidance is set with all_cfg_scale and part_cfg_scale",
+    "true_cfg_scale": "InternVL-U's guidance is set with all_cfg_scale and part_cfg_scale",
+    "strength": "InternVL-U edits from the input image's latents, without a noise strength",
+    "mask": "InternVL-U edits whole images; masks are not supported",
+    "mask_image": "InternVL-U edits whole images; masks are not supported",
+    "reference_image": "send every input image as an 'image' file (or content part)",
+    "lora": "this server serves one model without adapters",
+    "layers": "layered output is another model's feature",
+    "resolution": "give the output size with size (or width and height)",
+    "bot_task": "InternVL-U reasons before drawing with think=true",
+    "sys_type": "set the system message with system_prompt",
+    "use_system_prompt": "set the system message with system_prompt",
+    "infer_align_image_size": "give the output size with size (or width and height)",
+}
+EXTRA_BODY = ("all_cfg_scale", "part_cfg_scale", "timestep_trunc", "flow_shift")  # InternVL-U's declared extras
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def refuse_unsupported(fields: Fields) -> None:
+    for name, hint in UNSUPPORTED_FIELDS.items():
+        if fields.has(name):
+            raise bad_request(name, f"{name} is not supported: {hint}")
+    if fields.raw("response_format") not in (None, "b64_json"):
+        raise bad_request("response_format", "response_format: only 'b64_json' is supported (this server stores no files)")
+    if fields.raw("generator_device") not in (None, "cpu"):
+        raise bad_request("generator_device", "generator_device: the noise always comes from a CPU generator seeded "
+                                              "with seed, so that results equal the in-process pipeline's")
+    if fields.raw("background") == "transparent":
+        raise bad_request("background", "background: InternVL-U draws opaque RGB images")
+
+
+def merge_extra_params(fields: Fields) -> Fields:
+    """vLLM-Omni's ``extra_params`` object may carry InternVL-U's extra-body fields instead of the top level."""
+    extra = fields.json_object("extra_params")
+    if not extra:
+        return fields
+    unknown = sorted(set(extra) - set(EXTRA_BODY))
+    if unknown:
+        raise bad_request("extra_params", f"extra_params: InternVL-U takes only {', '.join(EXTRA_BODY)}; "
+                                          f"got {', '.join(unknown)}")
+    twice = [name for name in extra if fields.has(name)]
+    if twice:
+        raise bad_request("extra_params", f"extra_params: {twice[0]} is also given at the top level; give it once")
+    return Fields({**fields.data, **extra}, form=fields.form)
+
+
+def output_format(fields: Fields) -> tuple[str, int]:
+    """``output_format`` (png: the exact pixels; jpeg/webp lossy) and ``output_compression`` (quality 0-100)."""
+    fmt = fields.raw("output_format") or "png"
+    if fmt not in OUTPUT_FORMATS:
+        raise bad_request("output_format", f"output_format must be one of png, jpeg, webp; got {fmt!r}")
+    return fmt, fields.integer("output_compression", 0, 100, default=100)
+
+
+def encode(image: Image.Image, fmt: str = "png", quality: int = 100) -> bytes:
+    if fmt == "png":
+        return png_bytes(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=OUTPUT_FORMATS[fmt], quality=quality)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+def decode_data_uri(url: str, name: str) -> bytes:
+    """``data:image/…;base64,…`` → bytes."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.startswith("data:") or not header.endswith(";base64"):
+        raise bad_request(name, f"{name}: expected a data:image/...;base64,... URI")
+    media = header[5:-7]
+    if media and not media.startswith("image/"):
+        raise bad_request(name, f"{name}: the data URI holds {media!r}, not an image")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_request(name, f"{name}: the base64 payload is invalid ({exc})") from exc
+
+
+def decode_image(data: bytes, name: str, limits: check.Limits) -> Image.Image:
+    """Encoded bytes → RGB image, under the core's pixel limits (header checked before decoding)."""
+    with field_named(name):
+        return check.load_image(data, name, limits)
+
+
+def data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + b64(png_bytes(image))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat completions
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ChatRequest:
+    work: TextWork | DrawWork
+    image_urls: list[tuple[str, str]]  # (field name, url) still to be turned into images
+    stream: bool
+    n: int
+
+
+def parse_chat(body, settings: ServerSettings) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad_request(None, "the request body must be a JSON object")
+    fields = merge_extra_params(Fields(body))
+    check_model(fields, settings)
+    limits = settings.limits
+    system_prompt, text, image_urls = _parse_messages(body.get("messages"), limits)
+    modalities = body.get("modalities") or ["text"]
+    if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "image"}:
+        raise bad_request("modalities", f"modalities must be ['text'] or ['image'], got {modalities!r}")
+    stream = bool(fields.boolean("stream", default=False))
+    n = fields.integer("n", 1, MAX_N, default=1)
+    if "image" in modalities:
+        if stream:
+            raise bad_request("stream", "stream: streaming is available for text answers only")
+        reasoning = parse_reasoning(fields)
+        settings_ = draw_settings(fields, settings, fields.integer("width", limits.min_side, limits.max_side),
+                                  fields.integer("height", limits.min_side, limits.max_side))
+        work = DrawWork(
+            prompt=text, images=[], seed=seed_of(fields, limits), num_images=n, settings=settings_,
+            system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
+        )
+        return ChatRequest(work, image_urls, stream=False, n=n)
+    if n != 1:
+        raise bad_request("n", "n: text answers come one at a time (n = 1)")
+    reason = bool(fields.boolean("think", default=False))
+    max_tokens = fields.integer("max_completion_tokens", 1, limits.max_new_tokens)
+    max_tokens = fields.integer("max_tokens", 1, limits.max_new_tokens, default=max_tokens)
+    sampling = {"max_new_tokens": max_tokens if max_tokens is not None else (DEFAULT_REASONING_TOKENS if reason else DEFAULT_ANSWER_TOKENS)}
+    sampling.update(_sampling(fields, limits))
+    work = TextWork(task="reason" if reason else "understand", prompt=text, images=[],
+                    system_prompt=system_prompt, sampling=sampling, stream=stream)
+    return ChatRequest(work, image_urls, stream=stream, n=1)
+
+
+def _sampling(fields: Fields, limits: check.Limits) -> dict:
+    """OpenAI's sampling fields → the core's: ``temperature: 0`` (or none given) decodes greedily."""
+    temperature = fields.number("temperature", low=0.0, high=100.0)
+    top_p = fields.number("top_p", low=0.0, high=1.0)
+    if top_p == 0:
+        raise bad_request("top_p", "top_p = 0 keeps no token; use a value in (0, 1]")
+    do_sample = fields.boolean("do_sample")
+    if do_sample is None:
+        do_sample = bool(temperature) or (top_p is not None and top_p < 1)
+    out = {"do_sample": do_sample, "seed": fields.integer("seed", 0, limits.max_seed)}
+    if temperature:
+        out["temperature"] = temperature
+    if top_p is not None:
+        out["top_p"] = top_p
+    out["min_new_tokens"] = fields.integer("min_tokens", 0, limits.max_new_tokens, default=0)
+    out["num_beams"] = fields.integer("num_beams", 1, 16, default=1)
+    return out
+
+
+def _parse_messages(messages, limits: check.Limits) -> tuple[str | None, str, list[tuple[str, str]]]:
+    """One optional system message, then one user message → (system prompt, text, image URLs)."""
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "messages must be a non-empty list")
+    system_prompt = None
+    user = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request("messages", f"messages[{i}] must be an object")
+        role = message.get("role")
+        if role in ("system", "developer") and i == 0 and len(messages) > 1:
+            system_prompt = _system_text(message.get("content"), f"messages[{i}].content", limits)
+        elif role == "user" and i == len(messages) - 1:
+            user = message
+        else:
+            raise bad_request(
+                "messages",
+                f"messages[{i}]: this server answers one user message, optionally after one system message "
+                f"(got role {role!r} there); multi-turn conversations are not supported",
+            )
+    if user is None:
+        raise bad_request("messages", "messages: the last message must be the user's")
+    return (system_prompt, *_user_content(user.get("content"), f"messages[{len(messages) - 1}].content", limits))
+
+
+def _system_text(content, name: str, limits: check.Limits) -> str:
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise bad_request("messages", f"{name}: a system message holds text parts only")
+        content = "\n".join(str(p.get("text", "")) for p in content)
+    with field_named("messages"):
+        return check.system_prompt(check.text(content, name, limits), limits)
+
+
+def _user_content(content, name: str, limits: check.Limits) -> tuple[str, list[tuple[str, str]]]:
+    """Text parts joined by newlines, each image part an ``<image>`` slot in place (as the core's prompts)."""
+    if isinstance(content, str):
+        return _checked_text(content, name, limits), []
+    if not isinstance(content, list) or not content:
+        raise bad_request("messages", f"{name} must be a string or a non-empty list of content parts")
+    pieces: list[str] = []
+    urls: list[tuple[str, str]] = []
+    for j, part in enumerate(content):
+        where = f"{name}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise bad_request("messages", f"{where}.text must be a string")
+            pieces.append(part["text"])
+        elif kind == "image_url":
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if not isinstance(url, str):
+                raise bad_request("messages", f"{where}.image_url.url must be a string")
+            urls.append((f"{where}.image_url", url))
+            pieces.append("<image>")
+        else:
+            raise bad_request("messages", f"{where}: content parts must be 'text' or 'image_url', got {kind!r}")
+    if len(urls) > limits.max_images_per_prompt:
+        raise bad_request("messages", f"{name}: {len(urls)} images, at most {limits.max_images_per_prompt} are allowed")
+    if urls and all(p == "<image>" for p in pieces[: len(urls)]):
+        # Images before all text: the core adds the same leading slots itself.
+        pieces = pieces[len(urls):] or [""]
+    return _checked_text("\n".join(pieces), name, limits), urls
+
+
+def _checked_text(text: str, name: str, limits: check.Limits) -> str:
+    with field_named("messages"):
+        return check.text(text, name, limits)
+
+
+def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: str) -> dict:
+    created = int(time.time())
+    out = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": created, "model": model}
+    if isinstance(result, TextResult):
+        work = request.work
+        out["choices"] = [{
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": finish_reason(result, work.sampling["max_new_tokens"]),
+        }]
+        out["usage"] = usage(result.tokens)
+        if result.reasoning is not None:
+            out["cot_output"] = result.reasoning.text
+            out["reasoning"] = result.reasoning.to_dict()
+        return out
+    thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
+    out["choices"] = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": thought + [
+                {"type": "image_url", "image_url": {"url": data_uri(image)}}
+            ]},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        for i, image in enumerate(result.images)
+    ]
+    out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
+    if result.reasoning is not None:
+        out["cot_output"] = result.reasoning.text
+        out["reasoning"] = result.reasoning.to_dict()
+    return out
+
+
+def usage(completion_tokens: int) -> dict:
+    """vLLM's UsageInfo; the prompt is not counted (the pipeline does not report its length): 0."""
+    return {"prompt_tokens": 0, "completion_tokens": completion_tokens, "total_tokens": completion_tokens}
+
+
+def finish_reason(result: TextResult, max_new_tokens: int) -> str:
+    """``length`` when the answer used every allowed token (a stop token may be the last of them)."""
+    return "length" if result.tokens >= max_new_tokens else "stop"
+
+
+def chat_chunk(chunk_id: str, created: int, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Images API
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ImagesRequest:
+    work: DrawWork
+    stream: bool
+    edit: bool
+    output_format: str = "png"
+    quality: int = 100
+
+
+def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Image], *, edit: bool) -> ImagesRequest:
+    check_model(fields, settings)
+    refuse_unsupported(fields)
+    fields = merge_extra_params(fields)
+    fmt, quality = output_format(fields)
+    limits = settings.limits
+    prompt = fields.string("prompt", required=True, limits=limits)
+    n = fields.integer("n", 1, MAX_N, default=1)
+    width, height = size_of(fields, settings)
+    reasoning = parse_reasoning(fields)
+    stream = bool(fields.boolean("stream", default=False))
+    system_prompt = fields.string("system_prompt", limits=limits)
+    with field_named("system_prompt"):
+        system_prompt = check.system_prompt(system_prompt, limits)
+    steps_field = draw_settings(fields, settings, width, height)
+    previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
+    work = DrawWork(
+        prompt=prompt, images=images, seed=seed_of(fields, limits), num_images=n, settings=steps_field,
+        system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
+        previews=previews, stream=stream,
+    )
+    return ImagesRequest(work, stream=stream, edit=edit, output_format=fmt, quality=quality)
+
+
+def images_response(result: DrawResult, request: ImagesRequest) -> dict:
+    first = result.images[0]
+    out = {
+        "created": int(time.time()),
+        "data": [{"b64_json": b64(encode(image, request.output_format, request.quality))} for image in result.images],
+        "output_format": request.output_format,
+        "size": f"{first.width}x{first.height}",
+    }
+    if result.reasoning is not None:
+        out["cot_output"] = result.reasoning.text
+        out["reasoning"] = result.reasoning.to_dict()
+    return out
