@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -185,6 +185,7 @@ def load_weights_into(
     dtype: torch.dtype,
     device: torch.device,
     optional: Iterable[str] = (),
+    dtype_overrides: Mapping[str, torch.dtype] | None = None,
 ) -> None:
     """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
@@ -192,6 +193,8 @@ def load_weights_into(
     read on first use); others are converted in one pass. Missing or unexpected names and shape
     mismatches are errors that name the parameters, raised before anything is assigned, so a
     checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
+    ``dtype_overrides`` maps a name prefix to the dtype of the floating tensors under it (a quantised
+    LLM is read in its own dtype while the rest of the VLM keeps ``dtype``).
     """
     files = safetensors_files(folder)
     expected = dict(module.named_parameters())
@@ -208,7 +211,8 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
-        state[name] = _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device)
+        wanted = next((d for prefix, d in (dtype_overrides or {}).items() if name.startswith(prefix)), dtype)
+        state[name] = _placed(tensor, wanted if tensor.is_floating_point() else tensor.dtype, device)
     missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
         parts = []

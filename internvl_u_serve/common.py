@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from internvl_u_core.cli import MODEL_ENV
+from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
+from internvl_u_core.errors import InvalidInputError
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
     group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
-    group.add_argument("--offload", action="store_true",
-                       help="keep components in CPU memory and move each to the GPU only while it runs")
+    add_memory_options(group)
+
+
+def check_model_options(args: argparse.Namespace) -> str | None:
+    """Why the device, --quantize or --offload cannot run on this machine (in flag words), or None."""
+    try:
+        check_memory_options(args, CLI_NAMES)
+    except InvalidInputError as exc:
+        return str(exc)
+    return None
 
 
 def load_pipeline(args: argparse.Namespace, command: str):
@@ -34,10 +43,7 @@ def load_pipeline(args: argparse.Namespace, command: str):
     def progress(message: str) -> None:
         print(f"internvl-u {command}: {message}", file=sys.stderr, flush=True)
 
-    pipe = InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
-        local_files_only=args.offline, revision=args.revision, progress=progress,
+    return InternVLUPipeline.from_pretrained(
+        args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+        revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
     )
-    if args.offload:
-        pipe.enable_model_cpu_offload(args.device or "cuda")
-    return pipe

@@ -16,6 +16,12 @@ REQUIRED = {
     "accelerate": "accelerate",
     "huggingface_hub": "huggingface_hub",
 }
+#: import name -> pip requirement, for what ``internvl_u_core`` imports only for an optional feature
+#: (it names the package itself when the feature is asked for without it).
+OPTIONAL = {
+    "torchao": "torchao",  # quantization int8/fp8 on CUDA
+    "httpx": "httpx",  # RemoteInternVLU only (the [remote] extra), imported when one is created
+}
 
 
 def missing_dependencies() -> list[str]:

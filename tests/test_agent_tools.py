@@ -16,6 +16,7 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+import torch
 from langchain.agents import create_agent
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
@@ -500,6 +501,26 @@ def test_model_path_is_loaded_on_first_use(lazy_toolkit: InternVLUToolkit) -> No
     assert lazy_toolkit.session.runner.is_loaded
     stages = [data["stage"] for _, data in recorder.events]
     assert stages[0] == "loading" and stages[-1] == "denoising"
+
+
+def test_quantization_is_a_toolkit_field_passed_to_the_loader(folders: dict[str, Path]) -> None:
+    kit = InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], quantization="int8",
+                           load_kwargs={"device": "cpu"})
+    made = invoke(kit, "generate_image", prompt="A cat", seed=1, **FAST)
+    assert made.artifact["images"] and kit.load().quantization.mode == "int8"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_modes_this_machine_cannot_run_are_refused_when_the_toolkit_is_made(
+    folders: dict[str, Path], tiny_pipeline: InternVLUPipeline
+) -> None:
+    # pydantic reports the core's message in its ValidationError (a ValueError).
+    with pytest.raises(ValueError, match="quantization='nf4' needs a CUDA GPU"):
+        InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], quantization="nf4")
+    with pytest.raises(ValueError, match="offload='group' .* CUDA"):
+        InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], offload="group")
+    with pytest.raises(ValueError, match="apply when the toolkit loads the model"):
+        InternVLUToolkit(model=tiny_pipeline, output_dir=folders["outputs"], quantization="int8")
 
 
 def test_real_faults_are_not_swallowed(folders: dict[str, Path]) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from internvl_u_serve.common import add_model_options, load_pipeline
+from internvl_u_serve.common import add_model_options, check_model_options, load_pipeline
 
 MISSING_EXTRA = 'internvl-u serve: error: the server needs the [serve] extra; run: pip install "internvl-u[serve]"'
 API_KEY_ENV = "INTERNVL_U_API_KEY"
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         print(f"internvl-u serve: error: no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}",
               file=sys.stderr)
+        return 2
+    problem = check_model_options(args)
+    if problem:
+        print(f"internvl-u serve: error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")

@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from internvl_u_core.cli import MODEL_ENV
+from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
+from internvl_u_core.errors import InvalidInputError
 
 MISSING_SDK = (
     'internvl-u mcp: error: the MCP SDK is not installed; install the [mcp] extra: pip install -e ".[mcp]" '
@@ -57,8 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
     group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
-    group.add_argument("--offload", action="store_true",
-                       help="keep components in CPU memory and move each to the GPU only while it runs")
+    add_memory_options(group)
     parser.set_defaults(handler=run)
 
 
@@ -93,18 +93,20 @@ def _load(args: argparse.Namespace):
     # In stdio mode stdout is the protocol channel: nothing printed while loading may reach it.
     with contextlib.redirect_stdout(sys.stderr):
         pipe = InternVLUPipeline.from_pretrained(
-            args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
-            local_files_only=args.offline, revision=args.revision, progress=progress,
+            args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+            revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
         )
-        if args.offload:
-            pipe.enable_model_cpu_offload(args.device or "cuda")
     return pipe
 
 
 def _check_folders(args: argparse.Namespace) -> str | None:
-    """Refuse a missing model or folder before spending time on loading the model."""
+    """Refuse a missing model or folder, or a mode this machine cannot run, before loading the model."""
     if not args.model:
         return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
+    try:
+        check_memory_options(args, CLI_NAMES)
+    except InvalidInputError as exc:
+        return str(exc)
     for folder in args.allowed_dir:
         if not Path(folder).is_dir():
             return f"--allowed-dir {folder!r} is not a folder"

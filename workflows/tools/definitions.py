@@ -45,6 +45,7 @@ def _loader(node_id: int = 1) -> Node:
             "device": "auto",
             "memory": "keep_loaded",
             "allow_download": False,
+            "quantization": "none",
         },
     )
 
