@@ -36,6 +36,33 @@ _HUB_PATTERNS = [
 ]
 
 
+# Loggers of optional backends that shout while transformers/diffusers import them (e.g. torchao's
+# CUDA-only extensions on a CPU machine, torch's pytree deprecation notes): harmless, never actionable.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def import_model_libraries() -> None:
+    """Import the transformers/diffusers model code once, with optional backends' import chatter muted.
+
+    Installing torchao (for quantisation) makes both libraries import it eagerly, which logs warnings
+    about kernels this machine cannot use on every model load. They are emitted only at first import,
+    so importing here under raised log levels keeps a load's output to our own progress lines.
+    """
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import diffusers.models.modeling_utils  # noqa: F401
+        import diffusers.quantizers  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def resolve_checkpoint(
     path_or_id: str | os.PathLike,
     *,

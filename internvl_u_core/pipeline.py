@@ -29,7 +29,7 @@ from .limits import (
     DEFAULT_REASONING_TOKENS,
     DEFAULT_STEPS,
 )
-from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
+from .loading import component_folder, import_model_libraries, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
     FLOW_SHIFT,
@@ -207,6 +207,7 @@ class InternVLUPipeline:
         home = torch.device("cpu") if offload_mode is not None else device
         quantized_home = torch.device("cpu") if plan is not None and plan.uses_library_quantizer else home
         say = progress or (lambda message: logger.info(message))
+        import_model_libraries()
         root = resolve_checkpoint(path_or_id, local_files_only=local_files_only, revision=revision, progress=say)
         if not (root / "model_index.json").is_file():
             raise ModelLoadError(f"{root} has no model_index.json; is it an InternVL-U checkpoint folder?")
