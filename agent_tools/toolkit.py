@@ -10,7 +10,9 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from agent_tools.session import InternVLUSession, ReturnImages, ToolLimits
 from agent_tools.tools import EditImageTool, GenerateImageTool, ReasonTool, UnderstandImageTool
-from internvl_u_core import DEFAULT_HUB_ID
+from internvl_u_core import DEFAULT_HUB_ID, InternVLUPipeline
+from internvl_u_core.pipeline import check_load_options
+from internvl_u_core.remote import is_server_url
 
 
 class InternVLUToolkit(BaseToolkit):
@@ -46,6 +48,16 @@ class InternVLUToolkit(BaseToolkit):
     load_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Extra arguments for InternVLUPipeline.from_pretrained (device, dtype...)."
     )
+    quantization: str | None = Field(
+        default=None,
+        description="Quantisation of a model loaded from a path: one of internvl_u_core.quantization.MODES "
+        "(int8, fp8, nf4, bf16), or None for full precision.",
+    )
+    offload: str | None = Field(
+        default=None,
+        description="Offloading of a model loaded from a path: one of internvl_u_core.offload.MODES "
+        "(model, group, sequential; needs a GPU), or None.",
+    )
     limits: ToolLimits = Field(default_factory=ToolLimits, description="Input, output and run-length bounds.")
     return_images: ReturnImages = Field(
         default="none",
@@ -57,11 +69,22 @@ class InternVLUToolkit(BaseToolkit):
     _tools: list[BaseTool] = PrivateAttr()
 
     def model_post_init(self, context: Any, /) -> None:
+        load_kwargs = dict(self.load_kwargs)
+        if self.quantization is not None or self.offload is not None:
+            if isinstance(self.model, InternVLUPipeline) or is_server_url(self.model):
+                msg = ("quantization and offload apply when the toolkit loads the model; pass them to "
+                       "InternVLUPipeline.from_pretrained for a pipeline you load yourself, or to "
+                       "'internvl-u serve' (--quantize, --offload) for a served model")
+                raise ValueError(msg)
+            load_kwargs.update(quantization=self.quantization, offload=self.offload)
+            # Refuse a choice this machine cannot run now, not at the agent's first tool call.
+            check_load_options(load_kwargs.get("device"), load_kwargs.get("torch_dtype", "auto"),
+                               self.quantization, self.offload)
         self._session = InternVLUSession(
             self.model,
             self.output_dir,
             self.allowed_dirs,
-            load_kwargs=self.load_kwargs,
+            load_kwargs=load_kwargs,
             limits=self.limits,
             return_images=self.return_images,
             thumbnail_size=self.thumbnail_size,

@@ -6,7 +6,9 @@ by our pipeline with every attention backend diffusers can use there, with the f
 (lossy, opt-in) and with regional compilation, and by the official reference side by side (``--reference``, its own packages in
 ``--reference-site``). Reports time per image, DiT time per step, peak VRAM, the pixel difference
 between the variants and against the reference, and the DiT's compute floor: its FLOPs for the
-call over the matrix-multiply rate measured on the device.
+call over the matrix-multiply rate measured on the device. Then the quantisation and offload
+ladder (``bench/gpu_quant_check.py``): every quantisation mode and offload rung in its own process,
+with peak VRAM, time and drift against bf16 (``--ladder only`` runs just that, ``off`` skips it).
 
 Without CUDA (or with ``--cpu``) the same path runs at tiny sizes on the CPU: the tiny fixture
 checkpoint, 64², 2 steps, the CPU backends, compilation with the ``eager`` backend. A test runs it.
@@ -30,6 +32,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from checkpoint import ensure_checkpoint  # noqa: E402
+from gpu_quant_check import ladder_markdown, run_ladder  # noqa: E402
 
 PROMPT = "A red fox sitting in a snowy forest at sunrise, detailed photograph"
 TINY_CHECKPOINT = REPO / "tests" / "fixtures" / "internvlu-tiny" / "checkpoint"
@@ -272,6 +275,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant first")
     p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor on CUDA, eager on CPU)")
+    p.add_argument("--ladder", choices=("on", "off", "only"), default="on",
+                   help="also run the quantisation and offload ladder (each mode's peak VRAM, time, drift "
+                        "against bf16; bench/gpu_quant_check.py); 'only': just the ladder")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
@@ -314,10 +320,13 @@ def main(argv=None) -> int:
                    "prompt": PROMPT},
         "matmul_tflops": matmul_tflops(args.device),
     }
-    doc["ours"] = _run_child("ours", args, ckpt, images)
-    (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))  # partial results survive a timeout
-    doc["reference"] = _run_child("reference", args, ckpt, images) if args.reference else {
-        "skipped": "no --reference folder given"}
+    if args.ladder == "only":
+        doc["ours"] = doc["reference"] = {"skipped": "--ladder only"}
+    else:
+        doc["ours"] = _run_child("ours", args, ckpt, images)
+        (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))  # partial results survive a timeout
+        doc["reference"] = _run_child("reference", args, ckpt, images) if args.reference else {
+            "skipped": "no --reference folder given"}
     baseline = images / "ours-native.png"
     doc["image_differences"] = {
         name: image_difference(images / f"ours-{name}.png", baseline)
@@ -333,6 +342,9 @@ def main(argv=None) -> int:
         doc["dit_flops"] = {"rows_tokens": rows, "tflop_per_call": float(f"{flops / 1e12:.4g}")}
         if doc["matmul_tflops"]:
             doc["dit_flops"]["floor_s"] = round(flops / (doc["matmul_tflops"] * 1e12), 4)
+    if args.ladder != "off":  # the quantisation and offload ladder (bench/gpu_quant_check.py)
+        (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))
+        doc["ladder"] = run_ladder(args.device, ckpt, out / "ladder", args.threads, site=args.ours_site)
     doc["wall_s"] = round(time.perf_counter() - started, 1)
     (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))
     print(markdown(doc))
@@ -360,6 +372,8 @@ def markdown(doc: dict) -> str:
         diff = doc["image_differences"].get(name)
         diff_text = f"{diff['mean_levels']} / {diff['max_levels']}" if diff and "mean_levels" in diff else ""
         lines.append(f"| {name} | {v['total_median_s']} | {steps} | {ratio} | {v['peak_vram_gib']} | {diff_text} |")
+    if "ladder" in doc:
+        lines += ["", "Quantisation and offload ladder:", "", ladder_markdown(doc["ladder"])]
     return "\n".join(lines)
 
 

@@ -49,7 +49,8 @@ PROCESS_ROWS = [("load_s", "load (s)"), ("first_run_s", "first run after load (s
                 ("peak_rss_gib", "peak RSS (GiB)"), ("gpu_peak_gib", "peak GPU memory (GiB)")]
 # Numbers measured once per child process (the rest once per timed run).
 PROCESS_METRICS = ("load_s", "first_run_s", "core_import_s", "rss_after_load_gib", "peak_rss_load_gib", "peak_rss_gib",
-                   "rss_end_gib", "gpu_alloc_after_load_gib", "gpu_peak_load_gib", "gpu_peak_gib",
+                   "rss_end_gib", "rss_anon_after_load_gib", "rss_file_after_load_gib", "rss_anon_end_gib",
+                   "rss_file_end_gib", "model_gib", "gpu_alloc_after_load_gib", "gpu_peak_load_gib", "gpu_peak_gib",
                    "gpu_peak_reserved_gib")
 
 

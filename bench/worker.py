@@ -98,6 +98,24 @@ SETTINGS = {
                 (_fbcache,)),
     "compile": ("pipe.compile_transformer(): regional torch.compile of the DiT blocks (the warm-up run compiles)",
                 False, (_compile,)),
+    # Load-time settings (LOAD_OPTIONS): passed to from_pretrained instead of applied afterwards.
+    "int8": ("from_pretrained(quantization='int8'): CPU dynamic int8 / CUDA torchao int8 for the LLM and DiT",
+             False, ()),
+    "bf16": ("from_pretrained(quantization='bf16'): bfloat16 LLM and DiT, ViT and VAE in --dtype", False, ()),
+    "fp8": ("from_pretrained(quantization='fp8'): torchao float8 weights for the LLM and DiT", True, ()),
+    "nf4": ("from_pretrained(quantization='nf4'): bitsandbytes 4-bit NF4 for the LLM and DiT", True, ()),
+    "group_offload": ("from_pretrained(offload='group'): ViT/LLM/DiT blocks streamed to the GPU one at a time",
+                      True, ()),
+    "sequential_offload": ("from_pretrained(offload='sequential'): every layer moved to the GPU for its own call",
+                           True, ()),
+}
+LOAD_OPTIONS = {
+    "int8": {"quantization": "int8"},
+    "bf16": {"quantization": "bf16"},
+    "fp8": {"quantization": "fp8"},
+    "nf4": {"quantization": "nf4"},
+    "group_offload": {"offload": "group"},
+    "sequential_offload": {"offload": "sequential"},
 }
 
 
@@ -114,6 +132,14 @@ def setting_parts(setting: str) -> list[str]:
 
 def setting_needs_cuda(setting: str) -> bool:
     return any(SETTINGS[p][1] for p in setting_parts(setting))
+
+
+def load_options(setting: str) -> dict:
+    """``from_pretrained`` keyword arguments of the load-time parts of ``setting``."""
+    options: dict = {}
+    for part in setting_parts(setting):
+        options.update(LOAD_OPTIONS.get(part, {}))
+    return options
 
 
 def apply_setting(pipe, setting: str, device: str) -> None:
@@ -271,7 +297,9 @@ class Runner:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        self.pipe = InternVLUPipeline.from_pretrained(args.ckpt, torch_dtype=args.dtype, device=load_device)
+        self.pipe = InternVLUPipeline.from_pretrained(
+            args.ckpt, torch_dtype=args.dtype, device=load_device, **load_options(args.setting)
+        )
         self.sync()
         load_s = time.perf_counter() - t0
         apply_setting(self.pipe, args.setting, args.device)
@@ -282,6 +310,10 @@ class Runner:
             "core_import_s": round(import_s, 4),
             "load_s": round(load_s, 4),
             "rss_after_load_gib": _gib(current_rss_bytes()),
+            # Mapped weight pages (file) can be dropped by the kernel under pressure; anonymous memory cannot.
+            "rss_anon_after_load_gib": _gib(_status_bytes("RssAnon")),
+            "rss_file_after_load_gib": _gib(_status_bytes("RssFile")),
+            "model_gib": _gib(self.pipe.model_size_bytes()),
             "peak_rss_load_gib": _gib(peak_rss_bytes()),
             "stages_timed": self.wrapped,
         }
@@ -425,7 +457,8 @@ class Runner:
 
     def memory(self) -> dict:
         """Whole-process peaks (load, warm-up and every run)."""
-        info = {"peak_rss_gib": _gib(max(self.peak_rss, peak_rss_bytes())), "rss_end_gib": _gib(current_rss_bytes())}
+        info = {"peak_rss_gib": _gib(max(self.peak_rss, peak_rss_bytes())), "rss_end_gib": _gib(current_rss_bytes()),
+                "rss_anon_end_gib": _gib(_status_bytes("RssAnon")), "rss_file_end_gib": _gib(_status_bytes("RssFile"))}
         if self.cuda:
             torch = self.torch
             info["gpu_peak_gib"] = _gib(max(self.gpu_peak, torch.cuda.max_memory_allocated()))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import offload, quantization
 from . import validation as check
 from .errors import CheckpointNotDownloaded, InternVLUError, InvalidInputError
 from .limits import (
@@ -39,9 +40,26 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--offline", action="store_true",
                        help="never contact the hub; use only files already downloaded")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
-    group.add_argument("--offload", action="store_true",
-                       help="keep components in CPU memory and move each to the CUDA GPU only while it runs "
-                            "(for GPUs with little memory; needs CUDA)")
+    add_memory_options(group)
+
+
+def add_memory_options(group) -> None:
+    """``--quantize`` and ``--offload``, with the core's modes (shared by the adapters' commands)."""
+    group.add_argument("--quantize", default=None, choices=quantization.MODES, metavar="MODE",
+                       help="smaller weights for the LLM and the DiT: "
+                            + "; ".join(f"{m}: {quantization.MODE_HELP[m]}" for m in quantization.MODES)
+                            + " (default: full precision)")
+    group.add_argument("--offload", nargs="?", const="model", default=None, choices=offload.MODES, metavar="MODE",
+                       help="keep the weights in CPU memory and move them to the CUDA GPU while they run (needs "
+                            "CUDA): " + "; ".join(f"{m}: {offload.MODE_HELP[m]}" for m in offload.MODES)
+                            + " (--offload alone: model)")
+
+
+def check_memory_options(args, names: check.ArgumentNames) -> None:
+    """Refuse a --device, --quantize or --offload this machine cannot run, before anything is loaded."""
+    from .pipeline import check_load_options
+
+    check_load_options(args.device, args.dtype, args.quantize, args.offload, names)
 
 
 def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:
@@ -164,7 +182,7 @@ CLI_NAMES = check.ArgumentNames(
     width="--width", height="--height", steps="--steps", num_images="--num-images", all_cfg_scale="--cfg",
     part_cfg_scale="--part-cfg", seed="--seed", device="--device", max_new_tokens="--max-new-tokens",
     min_new_tokens="--min-new-tokens", do_sample="--sample", temperature="--temperature", top_p="--top-p",
-    num_beams="--num-beams", flags=True,
+    num_beams="--num-beams", quantization="--quantize", offload="--offload", flags=True,
 )
 
 
@@ -180,9 +198,7 @@ def _check_arguments(args) -> None:
             f"no model given; pass --model {DEFAULT_HUB_ID} (the released weights) or a checkpoint folder, "
             f"or set ${MODEL_ENV}"
         )
-    check.device(args.device, CLI_NAMES)
-    if args.offload:
-        check.offload_device(args.device, "--offload", CLI_NAMES)
+    check_memory_options(args, CLI_NAMES)
     text_argument = _TEXT_ARGUMENT[args.command]
     check.text(getattr(args, text_argument), text_argument, limits)
     check.system_prompt(args.system_prompt, limits, "--system-prompt")
@@ -256,11 +272,10 @@ def _load(args):
 
     components = ("vlm",) if args.command in ("understand", "reason") else ("vlm", "generation_decoder", "vae")
     pipe = InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
-        local_files_only=args.offline, revision=args.revision, progress=progress, components=components,
+        args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+        revision=args.revision, progress=progress, components=components, quantization=args.quantize,
+        offload=args.offload,
     )
-    if args.offload:
-        pipe.enable_model_cpu_offload(args.device)
     if getattr(args, "vae_tiling", False):
         pipe.enable_vae_tiling()
     return pipe

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +34,33 @@ _HUB_PATTERNS = [
     "processor/*.jinja",
     "processor/*.model",
 ]
+
+
+# Loggers of optional backends that shout while transformers/diffusers import them (e.g. torchao's
+# CUDA-only extensions on a CPU machine, torch's pytree deprecation notes): harmless, never actionable.
+_IMPORT_NOISE_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def import_model_libraries() -> None:
+    """Import the transformers/diffusers model code once, with optional backends' import chatter muted.
+
+    Installing torchao (for quantisation) makes both libraries import it eagerly, which logs warnings
+    about kernels this machine cannot use on every model load. They are emitted only at first import,
+    so importing here under raised log levels keeps a load's output to our own progress lines.
+    """
+    import logging
+
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import diffusers.models.modeling_utils  # noqa: F401
+        import diffusers.quantizers  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def resolve_checkpoint(
@@ -185,6 +212,7 @@ def load_weights_into(
     dtype: torch.dtype,
     device: torch.device,
     optional: Iterable[str] = (),
+    dtype_overrides: Mapping[str, torch.dtype] | None = None,
 ) -> None:
     """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
@@ -192,6 +220,8 @@ def load_weights_into(
     read on first use); others are converted in one pass. Missing or unexpected names and shape
     mismatches are errors that name the parameters, raised before anything is assigned, so a
     checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
+    ``dtype_overrides`` maps a name prefix to the dtype of the floating tensors under it (a quantised
+    LLM is read in its own dtype while the rest of the VLM keeps ``dtype``).
     """
     files = safetensors_files(folder)
     expected = dict(module.named_parameters())
@@ -208,7 +238,8 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
-        state[name] = _placed(tensor, dtype if tensor.is_floating_point() else tensor.dtype, device)
+        wanted = next((d for prefix, d in (dtype_overrides or {}).items() if name.startswith(prefix)), dtype)
+        state[name] = _placed(tensor, wanted if tensor.is_floating_point() else tensor.dtype, device)
     missing = set(expected) - set(state) - set(optional)
     if unexpected or missing:
         parts = []

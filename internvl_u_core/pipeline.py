@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import offload as offloading
+from . import quantization as quantizing
 from . import validation as check
 from .conditioning import conditioning_spans, reassemble_with_reasoning
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError, ModelLoadError
@@ -27,7 +29,7 @@ from .limits import (
     DEFAULT_REASONING_TOKENS,
     DEFAULT_STEPS,
 )
-from .loading import component_folder, load_weights_into, read_json, resolve_checkpoint
+from .loading import component_folder, import_model_libraries, load_weights_into, read_json, resolve_checkpoint
 from .processor import IM_END, IM_START, IMG_CONTEXT, IMG_START, InternVLUProcessor, ProcessorOutput
 from .sampling import (
     FLOW_SHIFT,
@@ -146,7 +148,10 @@ class ImageRequest:
 class InternVLUPipeline:
     """The whole InternVL-U model: understanding, reasoning, text-to-image and editing."""
 
-    def __init__(self, vlm, generation_decoder, vae, scheduler, processor: InternVLUProcessor, root: Path | None = None):
+    def __init__(
+        self, vlm, generation_decoder, vae, scheduler, processor: InternVLUProcessor, root: Path | None = None,
+        quantization: quantizing.QuantizationPlan | None = None,
+    ):
         self.vlm: InternVLUChatModel = vlm
         self.generation_decoder = generation_decoder
         self.vae = vae
@@ -155,7 +160,9 @@ class InternVLUPipeline:
         self.root = root
         self.codec = LatentCodec(vae) if vae is not None else None
         self._lock = threading.RLock()
-        self._offload_device: torch.device | None = None
+        #: How the LLM and the DiT are quantised (None: full precision); see ``internvl_u_core.quantization``.
+        self.quantization = quantization
+        self._offload: offloading.Offloader | None = None
         # Skip work whose result the reference throws away (benchmarks switch it off to compare).
         self.dedupe_guidance_rows = True
         self.limits = replace(DEFAULT_LIMITS)
@@ -184,11 +191,23 @@ class InternVLUPipeline:
         revision: str | None = None,
         progress: Callable[[str], None] | None = None,
         components: tuple[str, ...] = ("vlm", "generation_decoder", "vae"),
+        quantization: str | None = None,
+        offload: str | None = None,
     ) -> InternVLUPipeline:
-        """Load a checkpoint folder (or hub id) in the released layout, weights straight from safetensors."""
-        device = check.device(device)
-        dtype = check.dtype(torch_dtype, device)
+        """Load a checkpoint folder (or hub id) in the released layout, weights straight from safetensors.
+
+        ``quantization`` (one of ``quantization.MODES``: int8, fp8, nf4, bf16) shrinks the LLM and the
+        DiT; ``offload`` (one of ``offload.MODES``: model, group, sequential) keeps weights in CPU
+        memory and moves them to ``device`` (a GPU) while they run. Both are checked before any
+        weight is read.
+        """
+        device, dtype, plan, offload_mode = check_load_options(device, torch_dtype, quantization, offload)
+        # Full-precision parts load where they stay (the CPU under offloading); the quantised ones
+        # on the CPU first when a library quantises them on the way to the device.
+        home = torch.device("cpu") if offload_mode is not None else device
+        quantized_home = torch.device("cpu") if plan is not None and plan.uses_library_quantizer else home
         say = progress or (lambda message: logger.info(message))
+        import_model_libraries()
         root = resolve_checkpoint(path_or_id, local_files_only=local_files_only, revision=revision, progress=say)
         if not (root / "model_index.json").is_file():
             raise ModelLoadError(f"{root} has no model_index.json; is it an InternVL-U checkpoint folder?")
@@ -203,19 +222,34 @@ class InternVLUPipeline:
             )
         say("Loading VLM")
         vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
-        load_weights_into(vlm, vlm_folder, dtype=dtype, device=device, optional=vlm.tied_weight_names)
+        load_weights_into(
+            vlm, vlm_folder, dtype=dtype, device=quantized_home, optional=vlm.tied_weight_names,
+            dtype_overrides={"language_model.": plan.dtype} if plan is not None else None,
+        )
         if vlm.config.tie_word_embeddings:
             vlm.language_model.tie_weights()
         vlm.eval()
+        if plan is not None:
+            say(f"Quantising the LLM: {plan.describe()}")
+            quantizing.quantize_language_model(vlm, plan)
         decoder = vae = scheduler = None
         if "generation_decoder" in components:
             say("Loading generation decoder")
-            decoder = load_generation_decoder(component_folder(root, "generation_decoder"), dtype, device)
+            folder = component_folder(root, "generation_decoder")
+            if plan is None:
+                decoder = load_generation_decoder(folder, dtype, home)
+            else:
+                decoder = load_generation_decoder(folder, plan.dtype, quantized_home)
+                say(f"Quantising the DiT: {plan.describe()}")
+                quantizing.quantize_generation_decoder(decoder, plan)
             say("Loading VAE")
-            vae = load_vae(component_folder(root, "vae"), dtype, device)
+            vae = load_vae(component_folder(root, "vae"), dtype, home)
             scheduler = load_scheduler(component_folder(root, "scheduler"))
+        pipe = cls(vlm, decoder, vae, scheduler, processor, root, quantization=plan)
+        if offload_mode is not None:
+            pipe.enable_offload(offload_mode, device)
         say("Model ready")
-        return cls(vlm, decoder, vae, scheduler, processor, root)
+        return pipe
 
     # ------------------------------------------------------------------------------------------
     # Devices and memory
@@ -227,7 +261,12 @@ class InternVLUPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self._offload_device or next(self.vlm.parameters()).device
+        return self._offload.device if self._offload is not None else next(self.vlm.parameters()).device
+
+    @property
+    def offload_mode(self) -> str | None:
+        """The active offload mode (``model``, ``group``, ``sequential``), or None."""
+        return self._offload.mode if self._offload is not None else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -236,18 +275,41 @@ class InternVLUPipeline:
     def to(self, device: str | torch.device) -> InternVLUPipeline:
         device = check.device(device)
         with self._lock:
-            self._offload_device = None
+            if self._offload is not None:
+                self._offload.remove()
+                self._offload = None
             for module in self.components.values():
                 module.to(device)
         return self
 
+    def enable_offload(self, mode: str = "model", device: str | torch.device | None = None) -> None:
+        """Keep the weights in CPU memory and move them to ``device`` (default: CUDA) while they run.
+
+        ``mode``: ``"model"`` moves whole components, ``"group"`` streams the ViT, LLM and DiT blocks
+        one at a time, ``"sequential"`` moves every layer for its own call (least GPU memory, slowest);
+        see ``internvl_u_core.offload``. ``pipe.to(device)`` switches offloading off again.
+        """
+        mode = offloading.check_mode(mode)
+        if mode is None:
+            raise InvalidInputError("offload=None: pass one of model, group, sequential, or call pipe.to(device)")
+        self._enable_offload(mode, offloading.check_device(mode, device))
+
     def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
         """Keep components on the CPU and move each to ``device`` (default: CUDA) only while it runs."""
-        device = check.offload_device(device, "enable_model_cpu_offload()")
+        self._enable_offload("model", offloading.check_device("model", device, option="enable_model_cpu_offload()"))
+
+    def release_accelerator(self) -> None:
+        """Under offloading, move every weight back to the CPU memory (frees the GPU between jobs)."""
         with self._lock:
-            for module in self.components.values():
-                module.to("cpu")
-            self._offload_device = device
+            if self._offload is not None:
+                self._offload.activate(self.components, None)
+
+    def _enable_offload(self, mode: str, device: torch.device) -> None:
+        _check_offload_with(self.quantization, mode)
+        with self._lock:
+            if self._offload is not None:
+                self._offload.remove()
+            self._offload = offloading.attach(self.components, mode, device)
 
     def enable_vae_tiling(self, enabled: bool = True) -> None:
         """Decode/encode large images in overlapping tiles to cap VAE memory (results differ slightly at seams)."""
@@ -268,20 +330,13 @@ class InternVLUPipeline:
         self.generation_decoder.decoder.compile_repeated_blocks(fullgraph=True, **compile_kwargs)
 
     def model_size_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for module in self.components.values()
-            for t in list(module.parameters()) + list(module.buffers())
-        )
+        """Bytes of all weights and buffers as stored (quantised weights at their packed size)."""
+        return sum(quantizing.module_bytes(module) for module in self.components.values())
 
     def _activate(self, module: torch.nn.Module) -> torch.device:
-        """Device a component runs on now (moving it there first under CPU offload)."""
-        if self._offload_device is not None:
-            for other in self.components.values():
-                if other is not module:
-                    other.to("cpu")
-            module.to(self._offload_device)
-            return self._offload_device
+        """Device a component runs on now (moving it, or its whole-moving parts, there first under offload)."""
+        if self._offload is not None:
+            return self._offload.activate(self.components, module)
         return next(module.parameters()).device
 
     def _require_generation(self) -> None:
@@ -525,6 +580,27 @@ class InternVLUPipeline:
             system_prompt=system_prompt, callback=callback,
         )
         return self._draw(instruction, pictures, request)
+
+    @torch.inference_mode()
+    def next_token_logits(self, question: str, images=None, *, system_prompt: str | None = None) -> torch.Tensor:
+        """The LLM's float32 logits ``[vocab]`` for the first answer token of ``understand(images, question)``.
+
+        What a change of precision does to the text path, measured without decoding (``bench/quant.py``
+        compares them across quantisation modes).
+        """
+        question = check.text(question, "question", self.limits)
+        pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
+        system_prompt = check.system_prompt(system_prompt, self.limits)
+        with self._lock:
+            batch = self.processor([question], [pictures], "text", system_prompt)
+            device = self._activate(self.vlm)
+            pixel_values = batch.pixel_values.to(device) if batch.pixel_values is not None else None
+            embeds = self.vlm.embed_prompt(batch.input_ids.to(device), pixel_values)
+            out = self.vlm.language_model(
+                inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), logits_to_keep=1
+            )
+            return out.logits[0, -1].float().cpu()
+
 
     def generate_batch(
         self,
@@ -905,6 +981,35 @@ class InternVLUPipeline:
         if (pictures[0].width, pictures[0].height) != tuple(requested):
             pictures = [p.resize(tuple(requested), Image.Resampling.LANCZOS) for p in pictures]
         return pictures
+
+
+def check_load_options(
+    device=None, torch_dtype="auto", quantization=None, offload=None, names: check.ArgumentNames = check.API_NAMES
+) -> tuple[torch.device, torch.dtype, quantizing.QuantizationPlan | None, str | None]:
+    """Check ``from_pretrained``'s device, dtype, quantisation and offload choices without loading anything.
+
+    Returns ``(device, dtype, quantisation plan or None, offload mode or None)``; the device is the one
+    the model runs on (the GPU under offloading). Surfaces call it to refuse bad choices up front,
+    in their own option names (``names``).
+    """
+    offload_mode = offloading.check_mode(offload, names)
+    if offload_mode is None:
+        device = check.device(device, names)
+    else:
+        device = offloading.check_device(offload_mode, device, names)
+    dtype = check.dtype(torch_dtype, device)
+    plan = quantizing.make_plan(quantizing.check_mode(quantization, device, names), device, dtype)
+    _check_offload_with(plan, offload_mode)
+    return device, dtype, plan, offload_mode
+
+
+def _check_offload_with(plan: quantizing.QuantizationPlan | None, offload_mode: str | None) -> None:
+    """Library-quantised weights move whole only: diffusers' group hooks do not handle them yet."""
+    if plan is not None and plan.uses_library_quantizer and offload_mode not in (None, "model"):
+        raise InvalidInputError(
+            f"offload={offload_mode!r} cannot move {plan.backend}-quantised weights block by block yet "
+            "(diffusers issues #13281, #14433); use offload='model' with quantization, or no quantization"
+        )
 
 
 def _seeded_or_random(seed: int | None) -> torch.Generator:

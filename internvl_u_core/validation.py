@@ -38,6 +38,8 @@ class ArgumentNames:
     temperature: str = "temperature"
     top_p: str = "top_p"
     num_beams: str = "num_beams"
+    quantization: str = "quantization"
+    offload: str = "offload"
     flags: bool = False  # CLI style: "--device cpu" rather than "device='cpu'"
 
     def setting(self, argument: str, value) -> str:

@@ -10,13 +10,14 @@ import contextlib
 import os
 import sys
 
-from internvl_u_core.cli import MODEL_ENV
+from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
+from internvl_u_core.errors import InvalidInputError
 from internvl_u_core.remote import API_KEY_ENV, is_server_url
 
 #: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
 #: False or "auto".
 _LOADING_OPTIONS = {"dtype": "--dtype", "device": "--device", "offline": "--offline", "revision": "--revision",
-                    "offload": "--offload"}
+                    "quantize": "--quantize", "offload": "--offload"}
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
@@ -33,21 +34,28 @@ def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) 
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
     group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
-    group.add_argument("--offload", action="store_true",
-                       help="keep components in CPU memory and move each to the GPU only while it runs")
+    add_memory_options(group)
 
 
 def model_problem(args: argparse.Namespace, *, remote: bool = False) -> str | None:
-    """Why ``--model`` and the loading options cannot work together, or None."""
+    """Why ``--model`` and the loading options cannot work (in flag words), or None; checked before loading.
+
+    That covers a device, --quantize or --offload this machine cannot run, and, with ``remote``, loading
+    options given with a server's URL (they belong to that server).
+    """
     if not args.model:
         return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
-    if not is_server_url(args.model):
+    if is_server_url(args.model):
+        if not remote:
+            return f"--model {args.model!r} is a URL; this command serves a checkpoint folder or hub id"
+        given = [flag for name, flag in _LOADING_OPTIONS.items() if getattr(args, name) not in (None, False, "auto")]
+        if given:
+            return f"{', '.join(given)} apply to a model loaded here; a served model ({args.model}) is set up on its server"
         return None
-    if not remote:
-        return f"--model {args.model!r} is a URL; this command serves a checkpoint folder or hub id"
-    given = [flag for name, flag in _LOADING_OPTIONS.items() if getattr(args, name) not in (None, False, "auto")]
-    if given:
-        return f"{', '.join(given)} apply to a model loaded here; a served model ({args.model}) is set up on its server"
+    try:
+        check_memory_options(args, CLI_NAMES)
+    except InvalidInputError as exc:
+        return str(exc)
     return None
 
 
@@ -69,10 +77,7 @@ def load_pipeline(args: argparse.Namespace, command: str):
 
     # MCP's stdio mode speaks on stdout: nothing printed while loading may reach it.
     with contextlib.redirect_stdout(sys.stderr):
-        pipe = InternVLUPipeline.from_pretrained(
-            args.model, torch_dtype=args.dtype, device="cpu" if args.offload else args.device,
-            local_files_only=args.offline, revision=args.revision, progress=progress,
+        return InternVLUPipeline.from_pretrained(
+            args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+            revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
         )
-        if args.offload:
-            pipe.enable_model_cpu_offload(args.device or "cuda")
-    return pipe

@@ -19,7 +19,8 @@ REQUIRED = {
 #: import name -> pip requirement, for what ``internvl_u_core`` imports only for an optional feature
 #: (it names the package itself when the feature is asked for without it).
 OPTIONAL = {
-    "httpx": "httpx",  # RemoteInternVLU: the InternVL-U Remote Loader node
+    "torchao": "torchao",  # quantization int8/fp8 on CUDA
+    "httpx": "httpx",  # RemoteInternVLU (the [remote] extra): the InternVL-U Remote Loader node
 }
 
 

@@ -6,7 +6,16 @@ from typing import Any
 
 from .comfy_runtime import device_choices
 from .common_inputs import model_input
-from .model_handle import DTYPES, MEMORY_MODES, InternVLUModel, LoadSettings, get_model
+from .model_handle import (
+    DTYPES,
+    KEEP_LOADED,
+    NO_QUANTIZATION,
+    InternVLUModel,
+    LoadSettings,
+    get_model,
+    memory_modes,
+    quantization_modes,
+)
 from .model_sources import model_choices, resolve_model
 from .schema import (
     ANY_TYPE,
@@ -19,10 +28,13 @@ from .schema import (
 )
 
 
-def load_model(checkpoint: str, dtype: str, device: str, memory: str, allow_download: bool = False) -> NodeResult:
+def load_model(
+    checkpoint: str, dtype: str, device: str, memory: str, allow_download: bool = False,
+    quantization: str = NO_QUANTIZATION,
+) -> NodeResult:
     """Resolve the checkpoint folder and load it (or reuse the copy loaded with equal settings)."""
     path = resolve_model(checkpoint, allow_download)
-    handle = get_model(LoadSettings(str(path), dtype, device, memory))
+    handle = get_model(LoadSettings(str(path), dtype, device, memory, quantization))
     handle.pipeline()
     return NodeResult((handle,))
 
@@ -58,16 +70,28 @@ LOADER = NodeSpec(
             "memory",
             "COMBO",
             "keep_loaded: stay on the device until ComfyUI needs the memory or you unload models. "
-            "offload_after_run: move to RAM after every run. cpu_offload: keep in RAM and move "
-            "each part to the GPU only while it runs (least VRAM, slower).",
-            options=MEMORY_MODES,
-            default=MEMORY_MODES[0],
+            "offload_after_run: move to RAM after every run. The offload modes keep the weights in RAM "
+            "and need a GPU: cpu_offload moves each part (VLM, DiT, VAE) to it while it runs; "
+            "group_offload streams the ViT, LLM and DiT blocks one at a time (less VRAM); "
+            "sequential_offload moves every layer for its own call (least VRAM, slowest).",
+            options=memory_modes,
+            default=KEEP_LOADED,
         ),
         InputSpec(
             "allow_download",
             "BOOLEAN",
             "Allow downloading a hub checkpoint into models/internvl_u/. Off: local files only.",
             default=False,
+        ),
+        InputSpec(
+            "quantization",
+            "COMBO",
+            "Smaller weights for the LLM and the DiT (the ViT and the VAE stay in 'dtype'). none: full "
+            "precision. int8: half of bf16's memory (GPU: torchao; CPU: several times faster decoding). "
+            "fp8: like int8, for GPUs of compute capability 8.9+. nf4: a quarter of bf16's memory "
+            "(bitsandbytes, GPU only). bf16: bfloat16 weights, worth it on the CPU.",
+            options=quantization_modes,
+            default=NO_QUANTIZATION,
         ),
     ),
     outputs=(OutputSpec("model", MODEL_TYPE, "The loaded InternVL-U model."),),

@@ -26,8 +26,28 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 KEEP_LOADED = "keep_loaded"
 OFFLOAD_AFTER_RUN = "offload_after_run"
-CPU_OFFLOAD = "cpu_offload"
-MEMORY_MODES = (KEEP_LOADED, OFFLOAD_AFTER_RUN, CPU_OFFLOAD)
+CPU_OFFLOAD = "cpu_offload"  # the core's "model" offload (the name saved workflows use)
+NO_QUANTIZATION = "none"
+
+
+def offload_memory_mode(core_mode: str) -> str:
+    """The loader's ``memory`` choice for one of the core's offload modes."""
+    return CPU_OFFLOAD if core_mode == "model" else f"{core_mode}_offload"
+
+
+def memory_modes() -> list[str]:
+    """The loader's ``memory`` choices: ComfyUI-managed residency, then the core's offload ladder."""
+    return [KEEP_LOADED, OFFLOAD_AFTER_RUN] + [offload_memory_mode(m) for m in core().offload.MODES]
+
+
+def quantization_modes() -> list[str]:
+    """The loader's ``quantization`` choices: full precision, then the core's modes."""
+    return [NO_QUANTIZATION, *core().quantization.MODES]
+
+
+def core_offload_mode(memory_mode: str) -> str | None:
+    """The core's offload mode behind a ``memory`` choice (None: ComfyUI moves the model)."""
+    return next((m for m in core().offload.MODES if offload_memory_mode(m) == memory_mode), None)
 
 
 @dataclass(frozen=True)
@@ -38,6 +58,7 @@ class LoadSettings:
     dtype: str = "auto"
     device: str = "auto"
     memory: str = KEEP_LOADED
+    quantization: str = NO_QUANTIZATION
 
 
 class InternVLUModel:
@@ -73,14 +94,19 @@ class InternVLUModel:
     def _load(self) -> None:
         load_device, offload_device = resolve_devices(self.settings.device)
         dtype = resolve_dtype(self.settings.dtype, load_device)
-        log.info("InternVL-U: loading %s (%s) for %s", self.settings.path, dtype, load_device)
+        offload = core_offload_mode(self.settings.memory)
+        quantization = None if self.settings.quantization == NO_QUANTIZATION else self.settings.quantization
+        log.info("InternVL-U: loading %s (%s, quantization %s, memory %s) for %s", self.settings.path, dtype,
+                 self.settings.quantization, self.settings.memory, load_device)
+        # Offloading and quantisation happen on the run device (the core checks both before loading);
+        # otherwise the weights load where ComfyUI keeps them between runs.
         pipe = core().InternVLUPipeline.from_pretrained(
-            self.settings.path, torch_dtype=dtype, device=str(offload_device)
+            self.settings.path, torch_dtype=dtype,
+            device=str(load_device if offload or quantization else offload_device),
+            quantization=quantization, offload=offload,
         )
         self._load_device, self._offload_device = load_device, offload_device
-        if self.settings.memory == CPU_OFFLOAD and load_device.type != "cpu":
-            pipe.enable_model_cpu_offload(device=str(load_device))
-        else:
+        if offload is None:
             self._patcher = memory.make_patcher(pipe, load_device, offload_device)
         self._pipe = pipe
 
@@ -91,7 +117,7 @@ class InternVLUModel:
             pipe = self.pipeline()
             if self._patcher is not None:
                 memory.load(self._patcher)
-            elif self.settings.memory != CPU_OFFLOAD or self._load_device.type == "cpu":
+            elif pipe.offload_mode is None:
                 pipe.to(str(self._load_device))
             try:
                 yield pipe
@@ -106,8 +132,8 @@ class InternVLUModel:
                 return
             if self._patcher is not None:
                 memory.unload(self._patcher)
-            elif self.settings.memory == CPU_OFFLOAD and self._load_device.type != "cpu":
-                self._pipe.enable_model_cpu_offload(device=str(self._load_device))  # all parts to RAM
+            elif self._pipe.offload_mode is not None:
+                self._pipe.release_accelerator()
             else:
                 self._pipe.to(str(self._offload_device))
             memory.empty_cache()

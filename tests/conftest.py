@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,16 @@ def get_pipeline(set_name: str):
             FIXTURES / set_name / "checkpoint", torch_dtype=torch.float32, device="cpu"
         )
     return _PIPES[set_name]
+
+
+@pytest.fixture(scope="session")
+def unreadable_weights(tmp_path_factory) -> Path:
+    """The tiny checkpoint with every weight file replaced by garbage: reading any weight fails loudly."""
+    root = tmp_path_factory.mktemp("unreadable") / "checkpoint"
+    shutil.copytree(TINY_CHECKPOINT, root)
+    for weights in root.rglob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    return root
 
 
 @pytest.fixture(scope="session")

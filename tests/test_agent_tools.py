@@ -16,6 +16,7 @@ from uuid import UUID
 
 import numpy as np
 import pytest
+import torch
 from langchain.agents import create_agent
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
@@ -502,6 +503,26 @@ def test_model_path_is_loaded_on_first_use(lazy_toolkit: InternVLUToolkit) -> No
     assert stages[0] == "loading" and stages[-1] == "denoising"
 
 
+def test_quantization_is_a_toolkit_field_passed_to_the_loader(folders: dict[str, Path]) -> None:
+    kit = InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], quantization="int8",
+                           load_kwargs={"device": "cpu"})
+    made = invoke(kit, "generate_image", prompt="A cat", seed=1, **FAST)
+    assert made.artifact["images"] and kit.load().quantization.mode == "int8"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_modes_this_machine_cannot_run_are_refused_when_the_toolkit_is_made(
+    folders: dict[str, Path], tiny_pipeline: InternVLUPipeline
+) -> None:
+    # pydantic reports the core's message in its ValidationError (a ValueError).
+    with pytest.raises(ValueError, match="quantization='nf4' needs a CUDA GPU"):
+        InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], quantization="nf4")
+    with pytest.raises(ValueError, match="offload='group' .* CUDA"):
+        InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], offload="group")
+    with pytest.raises(ValueError, match="apply when the toolkit loads the model"):
+        InternVLUToolkit(model=tiny_pipeline, output_dir=folders["outputs"], quantization="int8")
+
+
 def test_real_faults_are_not_swallowed(folders: dict[str, Path]) -> None:
     broken = InternVLUToolkit(model=folders["outside"], output_dir=folders["outputs"])
     with pytest.raises(ModelLoadError):
@@ -624,6 +645,8 @@ def test_served_model_key_and_options(served: Any, folders: dict[str, Path], mon
         invoke(wrong, "understand_image", images=["fox.png"], question="Hi")
     with pytest.raises(ValueError, match="load_kwargs apply to a model loaded here"):
         InternVLUToolkit(model=served.url, load_kwargs={"device": "cpu"}, output_dir=folders["outputs"])
+    with pytest.raises(ValueError, match="'internvl-u serve' \\(--quantize, --offload\\) for a served model"):
+        InternVLUToolkit(model=served.url, quantization="bf16", output_dir=folders["outputs"])
     with pytest.raises(ValueError, match="api_key is for a served model"):
         InternVLUToolkit(model=FIXTURE / "checkpoint", api_key="x", output_dir=folders["outputs"])
     assert "wrong" not in repr(wrong)  # the key is a SecretStr

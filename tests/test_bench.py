@@ -23,3 +23,4 @@ def test_stage_timers_record_vit_llm_and_both_vae_stages(tiny_pipe):
                 vars(part).pop(attr, None)
     assert wrapped == ["vit", "llm", "vae_encode", "vae_decode"]
     assert {stage for _, stage, _ in timer.records} == {"vit", "llm", "vae_encode", "vae_decode"}
+

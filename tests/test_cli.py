@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,16 +19,6 @@ from internvl_u_core.cli import build_parser, main
 FOX = str(FIXTURES / "internvlu-tiny" / "inputs" / "img_fox_80x60.png")
 MODEL = ["--model", str(TINY_CHECKPOINT), "--dtype", "float32", "--device", "cpu"]
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-
-@pytest.fixture(scope="module")
-def unreadable_weights(tmp_path_factory) -> Path:
-    """The tiny checkpoint with every weight file replaced by garbage: reading any weight fails loudly."""
-    root = tmp_path_factory.mktemp("unreadable") / "checkpoint"
-    shutil.copytree(TINY_CHECKPOINT, root)
-    for weights in root.rglob("*.safetensors"):
-        weights.write_bytes(b"not weights")
-    return root
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -103,6 +92,30 @@ def test_offload_without_cuda_is_refused_before_loading(capsys, unreadable_weigh
     assert "--offload" in message and "CUDA" in message and "run without --offload" in message
     message = _refused(capsys, ["generate", "x", *_model(unreadable_weights), "--offload", "--device", "cpu"])
     assert "--offload" in message and "--device cpu" in message
+
+
+@NO_CUDA
+@pytest.mark.parametrize("mode", ["nf4", "fp8"])
+def test_quantize_modes_that_need_cuda_are_refused_before_loading(capsys, unreadable_weights, mode):
+    message = _refused(capsys, ["generate", "x", *_model(unreadable_weights), "--quantize", mode])
+    assert f"--quantize {mode}" in message and "CUDA" in message and "quantization=" not in message
+
+
+def test_quantize_and_offload_choices_come_from_the_core():
+    from internvl_u_core import offload, quantization
+
+    for command in ("understand", "reason", "generate", "edit"):
+        actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices[command]._actions}
+        assert tuple(actions["quantize"].choices) == quantization.MODES
+        assert tuple(actions["offload"].choices) == offload.MODES and actions["offload"].const == "model"
+
+
+def test_generate_with_int8_quantization_writes_an_image(tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert main(["generate", *MODEL, "a red fox", "-o", str(out), "--steps", "2", "--width", "32",
+                 "--height", "32", "--seed", "0", "--quantize", "int8"]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert "Quantising the LLM: int8 (torch.ao dynamic int8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

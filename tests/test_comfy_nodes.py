@@ -15,10 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from internvl_u_core import DEFAULT_LIMITS, CheckpointNotDownloaded  # noqa: E402
+from internvl_u_core import (  # noqa: E402
+    DEFAULT_LIMITS,
+    CheckpointNotDownloaded,
+    InvalidInputError,
+    offload,
+    quantization,
+)
 from nodes import all_specs  # noqa: E402
 from nodes.comfy_runtime import ProcessingInterrupted, request_interrupt  # noqa: E402
 from nodes.images import pils_to_tensor, tensor_to_pils  # noqa: E402
+from nodes.model_handle import core_offload_mode  # noqa: E402
 from nodes.schema import CATEGORY, object_info  # noqa: E402
 
 COMFY_MAX_SEED = 0xFFFFFFFFFFFFFFFF  # the largest value ComfyUI's seed widgets hold
@@ -203,6 +210,32 @@ def test_unload_offload_and_free_ram(model: Any) -> None:
     assert not model.is_loaded
     assert torch.equal(_generate(model), reference)  # reloaded from disk on demand
     assert model.is_loaded
+
+
+def test_loader_modes_come_from_the_core(models_dir: Path) -> None:
+    loader = SPECS["InternVLU_Loader"]
+    assert loader.input("quantization").option_list() == ["none", *quantization.MODES]
+    memory = loader.input("memory").option_list()
+    assert memory[:2] == ["keep_loaded", "offload_after_run"]
+    assert [core_offload_mode(choice) for choice in memory] == [None, None, *offload.MODES]
+    assert "cpu_offload" in memory  # the name saved workflows use for the core's "model" offload
+
+
+def test_int8_loader_runs_on_the_cpu(models_dir: Path) -> None:
+    handle = (
+        SPECS["InternVLU_Loader"]
+        .run(checkpoint="InternVL-U", dtype="fp32", device="cpu", memory="keep_loaded", quantization="int8")
+        .values[0]
+    )
+    assert handle.pipeline().quantization.mode == "int8"
+    assert _generate(handle).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("memory", ["cpu_offload", "group_offload", "sequential_offload"])
+def test_offload_memory_modes_on_the_cpu_are_refused_clearly(models_dir: Path, memory: str) -> None:
+    with pytest.raises(InvalidInputError, match="nothing to offload to"):
+        SPECS["InternVLU_Loader"].run(checkpoint="InternVL-U", dtype="fp32", device="cpu", memory=memory)
 
 
 def test_offload_after_run_mode(models_dir: Path) -> None:

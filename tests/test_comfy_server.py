@@ -416,13 +416,10 @@ def _node(prompt: dict[str, Any], class_type: str) -> str:
 
 
 def _local(prompt: dict[str, Any]) -> dict[str, Any]:
-    """The prompt with the Remote Loader swapped for the Loader of the tiny checkpoint (same node id)."""
+    """The prompt with the Remote Loader swapped for the shipped workflows' Loader (same node id)."""
     local = json.loads(json.dumps(prompt))
-    local[_node(local, "InternVLU_RemoteLoader")] = {
-        "class_type": "InternVLU_Loader",
-        "inputs": {"checkpoint": "InternVL-U", "dtype": "fp32", "device": "cpu", "memory": "keep_loaded",
-                   "allow_download": False},
-    }
+    shipped = fast_prompt("internvlu_text_to_image")
+    local[_node(local, "InternVLU_RemoteLoader")] = shipped[_node(shipped, "InternVLU_Loader")]
     return local
 
 

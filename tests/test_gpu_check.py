@@ -36,3 +36,11 @@ def test_gpu_check_cpu_fallback(tmp_path):
     assert doc["dit_flops"]["tflop_per_call"] > 0
     assert (out / "ours-native.png").is_file() and (out / "ours-native-compiled-eager.png").is_file()
     assert "| native |" in done.stdout
+    # The quantisation ladder: the CPU modes against float32 (offload rungs need a GPU).
+    ladder = doc["ladder"]["variants"]
+    assert list(ladder) == ["float32", "int8", "bf16"]
+    assert ladder["int8"]["quantization"].startswith("int8 (torch.ao dynamic int8")
+    for name in ("int8", "bf16"):
+        assert ladder[name]["t2i"]["total_s"] > 0 and ladder[name]["understand"]["decode_tok_s"] > 0, name
+        assert ladder[name]["t2i_drift"]["psnr_db"] > 20 and 0.9 < ladder[name]["text_drift"]["cosine_median"] < 1
+    assert (out / "ladder" / "int8-t2i.png").is_file() and "| int8 |" in done.stdout

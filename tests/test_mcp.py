@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
@@ -467,6 +468,24 @@ def test_bad_folders_are_refused_before_loading(
 ) -> None:
     assert cli_main(["mcp", "--model", str(CHECKPOINT), *arguments]) == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_modes_this_machine_cannot_run_are_refused_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["mcp", "--model", str(CHECKPOINT), "--quantize", "nf4"]) == 2
+    assert "--quantize nf4 needs a CUDA GPU" in capsys.readouterr().err
+    assert cli_main(["mcp", "--model", str(CHECKPOINT), "--offload", "group"]) == 2
+    assert "--offload" in capsys.readouterr().err
+
+
+def test_quantize_and_offload_choices_come_from_the_core() -> None:
+    from internvl_u_core import offload, quantization
+    from internvl_u_core.cli import build_parser
+
+    mcp = build_parser()._subparsers._group_actions[0].choices["mcp"]
+    actions = {a.dest: a for a in mcp._actions}
+    assert tuple(actions["quantize"].choices) == quantization.MODES
+    assert tuple(actions["offload"].choices) == offload.MODES
 
 
 def test_the_server_imports_no_other_adapter() -> None:

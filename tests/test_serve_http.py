@@ -501,3 +501,18 @@ def test_without_the_serve_extra_the_command_names_it_in_one_line():
         'internvl-u serve: error: the server needs the [serve] extra; run: pip install "internvl-u[serve]"'
     ]
 
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_quantize_and_offload_are_checked_in_flag_words_before_loading(capsys, unreadable_weights):
+    from internvl_u_core import offload, quantization
+    from internvl_u_core.cli import build_parser, main
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    actions = {a.dest: a for a in serve._actions}
+    assert tuple(actions["quantize"].choices) == quantization.MODES
+    assert tuple(actions["offload"].choices) == offload.MODES
+    assert main(["serve", "--model", str(unreadable_weights), "--quantize", "nf4"]) == 2
+    assert "--quantize nf4 needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["serve", "--model", str(unreadable_weights), "--offload"]) == 2
+    assert "--offload model" in capsys.readouterr().err

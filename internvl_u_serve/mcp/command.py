@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_folders(args: argparse.Namespace) -> str | None:
-    """Refuse a missing model or folder before spending time on loading the model."""
+    """Refuse a missing model or folder, or a mode this machine cannot run, before loading the model."""
     problem = model_problem(args, remote=True)
     if problem:
         return problem

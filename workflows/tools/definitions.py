@@ -51,6 +51,7 @@ def _loader(node_id: int = 1) -> Node:
             "device": "auto",
             "memory": "keep_loaded",
             "allow_download": False,
+            "quantization": "none",
         },
     )
 
