@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from agent_tools.progress import JobControl
-from internvl_u_core import GenerationCancelled, InternVLUPipeline
+from internvl_u_core import GenerationCancelled, InternVLUPipeline, RemoteInternVLU
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ Job = Callable[[InternVLUPipeline, JobControl], T]
 
 
 class PipelineRunner:
-    """Owns one `InternVLUPipeline` (or the path to load it from) and serialises its jobs.
+    """Owns one `InternVLUPipeline` (or the path to load it from, or a `RemoteInternVLU`) and serialises its jobs.
 
     Parallel tool calls queue on a lock, so the model never runs two jobs at once.
     Async callers wait in a dedicated worker thread and never block the event loop;
@@ -29,16 +29,16 @@ class PipelineRunner:
 
     def __init__(
         self,
-        model: InternVLUPipeline | str | os.PathLike[str],
+        model: InternVLUPipeline | RemoteInternVLU | str | os.PathLike[str],
         load_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(model, (str, os.PathLike)):
-            self._pipeline: InternVLUPipeline | None = None
+            self._pipeline: InternVLUPipeline | RemoteInternVLU | None = None
             self._source: str | None = os.fspath(model)
-        elif isinstance(model, InternVLUPipeline):
+        elif isinstance(model, (InternVLUPipeline, RemoteInternVLU)):
             self._pipeline, self._source = model, None
         else:
-            msg = f"model must be an InternVLUPipeline or a checkpoint path, got {type(model)!r}"
+            msg = f"model must be an InternVLUPipeline, a RemoteInternVLU or a checkpoint path, got {type(model)!r}"
             raise TypeError(msg)
         self._load_kwargs = dict(load_kwargs or {})
         self._lock = threading.Lock()

@@ -10,7 +10,8 @@ from typing import Any, Literal
 from agent_tools.images import ImageStore
 from agent_tools.reasonings import ReasoningStore
 from agent_tools.runner import PipelineRunner
-from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, RemoteInternVLU
+from internvl_u_core.remote import is_server_url
 
 ReturnImages = Literal["none", "thumbnail", "full"]
 
@@ -55,7 +56,8 @@ class InternVLUSession:
     """One model, one output folder, one set of ids: what a toolkit's tools share.
 
     Args:
-        model: a loaded `InternVLUPipeline`, or a checkpoint path / hub id loaded on first use.
+        model: a loaded `InternVLUPipeline`, a checkpoint path / hub id loaded on first use, or the
+            URL of an `internvl-u serve` server (`http(s)://host:port`, used through `RemoteInternVLU`).
         output_dir: where generated and edited images are written as `<image_id>.png`.
         allowed_dirs: folders (besides `output_dir`) whose image files the agent may read.
         load_kwargs: extra arguments for `InternVLUPipeline.from_pretrained`.
@@ -63,11 +65,13 @@ class InternVLUSession:
         return_images: also show new images to the agent's model as image content blocks:
             `"none"` (text only), `"thumbnail"` or `"full"`.
         thumbnail_size: longest side of thumbnails, in pixels.
+        api_key: the server's key when `model` is a URL (None: `$INTERNVL_U_API_KEY` if set).
+        timeout: seconds one job may take on the server when `model` is a URL.
     """
 
     def __init__(
         self,
-        model: InternVLUPipeline | str | os.PathLike[str],
+        model: InternVLUPipeline | RemoteInternVLU | str | os.PathLike[str],
         output_dir: str | os.PathLike[str],
         allowed_dirs: Sequence[str | os.PathLike[str]] = (),
         *,
@@ -75,8 +79,17 @@ class InternVLUSession:
         limits: ToolLimits | None = None,
         return_images: ReturnImages = "none",
         thumbnail_size: int = 256,
+        api_key: str | None = None,
+        timeout: float = 600.0,
     ) -> None:
         self.limits = limits or ToolLimits()
+        if is_server_url(model):
+            if load_kwargs:
+                msg = f"load_kwargs apply to a model loaded here; the served model at {model} is set up on its server"
+                raise ValueError(msg)
+            model = RemoteInternVLU(model, api_key=api_key, timeout=timeout)
+        elif api_key is not None:
+            raise ValueError("api_key is for a served model: pass model='http(s)://host:port' with it")
         self.runner = PipelineRunner(model, load_kwargs)
         self.images = ImageStore(
             output_dir,
@@ -91,7 +104,7 @@ class InternVLUSession:
         self.return_images: ReturnImages = return_images
         self.thumbnail_size = thumbnail_size
 
-    def load(self) -> InternVLUPipeline:
+    def load(self) -> InternVLUPipeline | RemoteInternVLU:
         """Load the model now instead of on the first tool call."""
         return self.runner.load()
 

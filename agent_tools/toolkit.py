@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.tools import BaseTool, BaseToolkit
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from agent_tools.session import InternVLUSession, ReturnImages, ToolLimits
 from agent_tools.tools import EditImageTool, GenerateImageTool, ReasonTool, UnderstandImageTool
 from internvl_u_core import DEFAULT_HUB_ID, InternVLUPipeline
 from internvl_u_core.pipeline import check_load_options
+from internvl_u_core.remote import is_server_url
 
 
 class InternVLUToolkit(BaseToolkit):
@@ -20,7 +21,8 @@ class InternVLUToolkit(BaseToolkit):
     Example:
         ```python
         toolkit = InternVLUToolkit(
-            model="InternVL-U/InternVL-U",  # the default; or a checkpoint folder, or a loaded InternVLUPipeline
+            model="InternVL-U/InternVL-U",  # the default; or a checkpoint folder, a loaded InternVLUPipeline,
+                                            # or a server: "http://gpu-box:8091" (internvl-u serve)
             output_dir="outputs",
             allowed_dirs=["uploads"],
         )
@@ -32,8 +34,13 @@ class InternVLUToolkit(BaseToolkit):
 
     model: Any = Field(
         default=DEFAULT_HUB_ID,
-        description="A loaded InternVLUPipeline, or a checkpoint path / hub id loaded on first use.",
+        description="A loaded InternVLUPipeline, a checkpoint path / hub id loaded on first use, or the URL of "
+        "an `internvl-u serve` server (http(s)://host:port).",
     )
+    api_key: SecretStr | None = Field(
+        default=None, description="The server's key when model is a URL (None: $INTERNVL_U_API_KEY if set)."
+    )
+    timeout: float = Field(default=600.0, gt=0, description="Seconds one job may take on the server (URL models).")
     output_dir: Path = Field(description="Folder for generated and edited images (`<image_id>.png`).")
     allowed_dirs: list[Path] = Field(
         default_factory=list, description="Folders whose image files the agent may read, besides output_dir."
@@ -64,9 +71,10 @@ class InternVLUToolkit(BaseToolkit):
     def model_post_init(self, context: Any, /) -> None:
         load_kwargs = dict(self.load_kwargs)
         if self.quantization is not None or self.offload is not None:
-            if isinstance(self.model, InternVLUPipeline):
+            if isinstance(self.model, InternVLUPipeline) or is_server_url(self.model):
                 msg = ("quantization and offload apply when the toolkit loads the model; pass them to "
-                       "InternVLUPipeline.from_pretrained for a pipeline you load yourself")
+                       "InternVLUPipeline.from_pretrained for a pipeline you load yourself, or to "
+                       "'internvl-u serve' (--quantize, --offload) for a served model")
                 raise ValueError(msg)
             load_kwargs.update(quantization=self.quantization, offload=self.offload)
             # Refuse a choice this machine cannot run now, not at the agent's first tool call.
@@ -80,6 +88,8 @@ class InternVLUToolkit(BaseToolkit):
             limits=self.limits,
             return_images=self.return_images,
             thumbnail_size=self.thumbnail_size,
+            api_key=self.api_key.get_secret_value() if self.api_key is not None else None,
+            timeout=self.timeout,
         )
         tool_classes = (UnderstandImageTool, ReasonTool, GenerateImageTool, EditImageTool)
         self._tools = [tool_class(session=self._session) for tool_class in tool_classes]

@@ -1,7 +1,8 @@
 """``RemoteInternVLU``: the pipeline's friendly methods, answered by a server over HTTP.
 
 A second implementation of :class:`~internvl_u_core.InternVLUPipeline`'s interface for adapters
-(``understand``, ``reason``, ``generate``, ``edit``, ``decode_latents_preview``, ``limits``), so a
+(``understand``, ``understand_each``, ``reason``, ``generate``, ``edit``, ``decode_latents_preview``,
+``limits``), so a
 node or a tool cannot tell which one it was given. It speaks ``internvl-u serve``'s protocol
 (vLLM-Omni's InternVL-U dialect of the OpenAI API, plus the ``reasoning``/``think`` extension
 fields) through httpx, the ``[remote]`` extra. Arguments are checked here first with the core's
@@ -14,7 +15,8 @@ import base64
 import contextlib
 import io
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 
@@ -26,6 +28,14 @@ from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 
 MISSING_EXTRA = 'RemoteInternVLU needs httpx; run: pip install "internvl-u[remote]"'
+#: The environment variable holding the server's key: ``internvl-u serve`` reads it for ``--api-key``,
+#: and a client given no key sends it.
+API_KEY_ENV = "INTERNVL_U_API_KEY"
+
+
+def is_server_url(model) -> bool:
+    """Whether a ``model`` argument names a server (``http://…``/``https://…``) rather than a checkpoint."""
+    return isinstance(model, str) and model.lower().startswith(("http://", "https://"))
 
 
 class RemoteError(InternVLUError):
@@ -47,9 +57,9 @@ class RemoteInternVLU:
     """A served InternVL-U (``internvl-u serve``) behind the pipeline's friendly methods.
 
     ``base_url`` is the server's address (``http://host:8091``; a trailing ``/v1`` is accepted),
-    ``api_key`` its ``--api-key``, ``timeout`` the seconds one request may take, ``model`` the name
-    to send (``None``: the server's only model). Results equal the in-process pipeline's for the
-    same arguments and seed.
+    ``api_key`` its ``--api-key`` (``None``: ``$INTERNVL_U_API_KEY`` if set; ``""``: no key), ``timeout``
+    the seconds one request may take, ``model`` the name to send (``None``: the server's only model).
+    Results equal the in-process pipeline's for the same arguments and seed.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 600.0,
@@ -58,12 +68,14 @@ class RemoteInternVLU:
             import httpx
         except ImportError as exc:
             raise ImportError(MISSING_EXTRA) from exc
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        if not is_server_url(base_url):
             raise InvalidInputError(f"base_url must be an http(s) URL such as 'http://127.0.0.1:8091', got {base_url!r}")
         base = base_url.rstrip("/")
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.model = model
         self.limits = Limits()  # for checks made here; the server applies its own
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._httpx = httpx
         self._client = httpx.Client(base_url=self.base_url, headers=headers,
@@ -106,6 +118,46 @@ class RemoteInternVLU:
                                min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
                                top_p=top_p, num_beams=num_beams)
         return self._chat_text(body, token_callback, text_callback)["choices"][0]["message"]["content"]
+
+    def understand_each(
+        self,
+        images,
+        question: str,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+        seed: int | None = None,
+        system_prompt: str | None = None,
+        token_callback: TokenCallback | None = None,
+        image_callback: Callable[[int, int], bool | None] | None = None,
+    ) -> list[str]:
+        """One answer per image, each the one ``understand(image, question)`` gives for that image alone.
+
+        One request per image; ``batch_size`` is checked as in-process (how the server batches is its
+        own affair). ``image_callback(done, total)`` follows each image; returning ``False`` stops the
+        run with ``GenerationCancelled``.
+        """
+        question = check.text(question, "question", self.limits)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidInputError("images: at least one image is needed")
+        pictures = [check.load_image(item, f"images[{i}]", self.limits) for i, item in enumerate(items)]
+        check.integer(batch_size, "batch_size", 1, self.limits.max_images_per_prompt)
+        answers = []
+        for picture in pictures:
+            answers.append(self.understand(
+                [picture], question, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, num_beams=num_beams, seed=seed,
+                system_prompt=system_prompt, token_callback=token_callback,
+            ))
+            if image_callback is not None and image_callback(len(answers), len(pictures)) is False:
+                raise GenerationCancelled(f"understand_each was stopped by image_callback after {len(answers)} images")
+        return answers
 
     def reason(
         self,

@@ -1,4 +1,4 @@
-"""What the serving commands share: the model options and loading the pipeline before serving.
+"""What the serving commands share: the model options and loading the model before serving.
 
 Imports nothing heavy at module level (the commands are registered on every ``internvl-u`` call).
 """
@@ -6,17 +6,27 @@ Imports nothing heavy at module level (the commands are registered on every ``in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
 from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
+from internvl_u_core.remote import API_KEY_ENV, is_server_url
+
+#: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
+#: False or "auto".
+_LOADING_OPTIONS = {"dtype": "--dtype", "device": "--device", "offline": "--offline", "revision": "--revision",
+                    "quantize": "--quantize", "offload": "--offload"}
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
+    """``--model`` and the loading options; with ``remote`` ``--model`` may also be a server's URL."""
+    served = (f", or the URL of an 'internvl-u serve' server (http://host:8091; its key is read from "
+              f"${API_KEY_ENV})") if remote else ""
     parser.add_argument(
         "--model", default=os.environ.get(MODEL_ENV),
-        help=f"checkpoint folder in the released layout, or a Hugging Face hub id (default: ${MODEL_ENV})",
+        help=f"checkpoint folder in the released layout, or a Hugging Face hub id{served} (default: ${MODEL_ENV})",
     )
     group = parser.add_argument_group("model")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -27,13 +37,35 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     add_memory_options(group)
 
 
-def check_model_options(args: argparse.Namespace) -> str | None:
-    """Why the device, --quantize or --offload cannot run on this machine (in flag words), or None."""
+def model_problem(args: argparse.Namespace, *, remote: bool = False) -> str | None:
+    """Why ``--model`` and the loading options cannot work (in flag words), or None; checked before loading.
+
+    That covers a device, --quantize or --offload this machine cannot run, and, with ``remote``, loading
+    options given with a server's URL (they belong to that server).
+    """
+    if not args.model:
+        return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
+    if is_server_url(args.model):
+        if not remote:
+            return f"--model {args.model!r} is a URL; this command serves a checkpoint folder or hub id"
+        given = [flag for name, flag in _LOADING_OPTIONS.items() if getattr(args, name) not in (None, False, "auto")]
+        if given:
+            return f"{', '.join(given)} apply to a model loaded here; a served model ({args.model}) is set up on its server"
+        return None
     try:
         check_memory_options(args, CLI_NAMES)
     except InvalidInputError as exc:
         return str(exc)
     return None
+
+
+def load_model(args: argparse.Namespace, command: str):
+    """The model the options describe: a ``RemoteInternVLU`` for a server's URL, else the loaded pipeline."""
+    if is_server_url(args.model):
+        from internvl_u_core import RemoteInternVLU
+
+        return RemoteInternVLU(args.model)
+    return load_pipeline(args, command)
 
 
 def load_pipeline(args: argparse.Namespace, command: str):
@@ -43,7 +75,9 @@ def load_pipeline(args: argparse.Namespace, command: str):
     def progress(message: str) -> None:
         print(f"internvl-u {command}: {message}", file=sys.stderr, flush=True)
 
-    return InternVLUPipeline.from_pretrained(
-        args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
-        revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
-    )
+    # MCP's stdio mode speaks on stdout: nothing printed while loading may reach it.
+    with contextlib.redirect_stdout(sys.stderr):
+        return InternVLUPipeline.from_pretrained(
+            args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
+            revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
+        )

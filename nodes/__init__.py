@@ -18,6 +18,7 @@ def all_specs() -> list[NodeSpec]:
     from .dataset_nodes import LOAD_IMAGE_FOLDER, SAVE_CAPTIONS
     from .image_nodes import EDIT, GENERATE
     from .loader_nodes import LOADER, UNLOAD
+    from .remote_nodes import REMOTE_LOADER
     from .text_nodes import REASON, UNDERSTAND
 
-    return [LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD, LOAD_IMAGE_FOLDER, SAVE_CAPTIONS]
+    return [LOADER, REMOTE_LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD, LOAD_IMAGE_FOLDER, SAVE_CAPTIONS]

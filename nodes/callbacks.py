@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
-from .comfy_runtime import Progress, check_interrupt, comfy_module, preview_settings
-
-
-@cache
-def _preview_factors() -> tuple[Any, Any]:
-    """ComfyUI's own latent-to-RGB factors for the Wan 2.1 / Qwen-Image latent space, when it has them.
-
-    Outside ComfyUI (or for a table it lacks) the core's copy of the same table is used.
-    """
-    formats = comfy_module("comfy.latent_formats")
-    wan21 = getattr(formats, "Wan21", None) if formats is not None else None
-    if wan21 is None or getattr(wan21, "latent_rgb_factors", None) is None:
-        return None, None
-    return wan21.latent_rgb_factors, wan21.latent_rgb_factors_bias
+from .comfy_runtime import Progress, check_interrupt, preview_settings
 
 
 class StepCallback:
     """For ``generate``/``edit``: a progress tick (with a preview if enabled) per denoising step.
 
     It also keeps the latents of the last step, which are the final latents the images are
-    decoded from (the nodes' LATENT output).
+    decoded from (the nodes' LATENT output). A served model passes its ready-made preview (or
+    ``None``) instead of latents; ``decode_latents_preview`` returns it as is. 16-channel latents
+    are previewed through the Wan 2.1 latent-to-RGB table, the one ComfyUI uses for Qwen-Image.
     """
 
     def __init__(self, pipe: Any, steps: int) -> None:
@@ -39,9 +27,8 @@ class StepCallback:
         check_interrupt()
         self.latents = latents
         preview = None
-        if self.previews:
-            factors, bias = _preview_factors() if latents.shape[1] == 16 else (None, None)
-            preview = ("JPEG", self.pipe.decode_latents_preview(latents, factors, bias), self.max_size)
+        if self.previews and latents is not None:
+            preview = ("JPEG", self.pipe.decode_latents_preview(latents), self.max_size)
         self.progress.update(step, total, preview)
 
 

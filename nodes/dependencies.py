@@ -20,7 +20,7 @@ REQUIRED = {
 #: (it names the package itself when the feature is asked for without it).
 OPTIONAL = {
     "torchao": "torchao",  # quantization int8/fp8 on CUDA
-    "httpx": "httpx",  # RemoteInternVLU only (the [remote] extra), imported when one is created
+    "httpx": "httpx",  # RemoteInternVLU (the [remote] extra): the InternVL-U Remote Loader node
 }
 
 

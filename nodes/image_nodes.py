@@ -15,7 +15,7 @@ from .common_inputs import (
     system_prompt_input,
 )
 from .images import collect_images, pils_to_tensor
-from .model_handle import InternVLUModel
+from .model_handle import ModelHandle
 from .schema import LATENT_TYPE, NODE_ID_PREFIX, InputSpec, NodeResult, NodeSpec, OutputSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def _size(resolution: str, width: int, height: int) -> tuple[int, int]:
 
 
 def _draw(
-    model: InternVLUModel,
+    model: ModelHandle,
     job: str,
     steps: int,
     all_cfg_scale: float,
@@ -69,11 +69,7 @@ def _draw(
     system_prompt: str | None,
     **job_args: Any,
 ) -> NodeResult:
-    """Run ``pipe.generate``/``pipe.edit``; outputs the images and the final latents as a ComfyUI LATENT.
-
-    The LATENT holds the VAE-space latents ``[N, 16, 1, H/8, W/8]`` (float32), the layout ComfyUI's
-    own Qwen-Image VAE nodes read and write (the Wan 2.1 latent space).
-    """
+    """Run ``pipe.generate``/``pipe.edit``; outputs the images and the final latents as a ComfyUI LATENT."""
     width, height = job_args.pop("width"), job_args.pop("height")
     with model.use() as pipe:
         callback = StepCallback(pipe, steps)
@@ -90,7 +86,7 @@ def _draw(
             system_prompt=system_prompt or None,
             callback=callback,
         )
-        latent = {"samples": pipe.to_vae_latents(callback.latents).unsqueeze(2).cpu()}
+        latent = model.to_comfy_latent(pipe, callback.latents)
     return NodeResult((pils_to_tensor(images), latent))
 
 
@@ -107,7 +103,7 @@ def _outputs(what: str) -> tuple[OutputSpec, ...]:
 
 
 def generate(
-    model: InternVLUModel,
+    model: ModelHandle,
     prompt: str,
     resolution: str,
     width: int,
@@ -159,7 +155,7 @@ GENERATE = NodeSpec(
 
 
 def edit(
-    model: InternVLUModel,
+    model: ModelHandle,
     instruction: str,
     resolution: str,
     width: int,
@@ -178,8 +174,7 @@ def edit(
     """Edit one image (or combine several reference images) following an instruction."""
     images = collect_images(image, more_images) or []
     if image_latent is not None:
-        with model.use() as pipe:
-            images = pipe.decode_latents(pipe.from_vae_latents(image_latent["samples"])) + images
+        images = model.images_from_comfy_latent(image_latent) + images
     if not images:
         raise ValueError("InternVL-U Edit needs an image to edit: connect 'image' or 'image_latent'")
     width, height = _size(resolution, width, height)

@@ -2,6 +2,8 @@
 
 It holds the loader's settings and a lazily (re)loaded pipeline, so the model can be unloaded
 (even from RAM) while ComfyUI keeps the loader's output cached; the next job reloads it.
+:class:`ModelHandle` is what nodes may use of it; ``remote_model.RemoteModel`` offers the same
+for a served model.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from . import memory
 from .comfy_runtime import resolve_devices, resolve_dtype
@@ -144,6 +146,41 @@ class InternVLUModel:
             self._patcher = None
             gc.collect()
             memory.empty_cache()
+
+    def to_comfy_latent(self, pipe: Any, latents: Any) -> dict[str, Any]:
+        """A job's final latents as ComfyUI's LATENT: VAE-space ``[N, 16, 1, H/8, W/8]`` float32 (the
+        layout ComfyUI's own Qwen-Image VAE nodes read and write, the Wan 2.1 latent space)."""
+        return {"samples": pipe.to_vae_latents(latents).unsqueeze(2).cpu()}
+
+    def images_from_comfy_latent(self, latent: dict[str, Any]) -> list[Any]:
+        """The images a ComfyUI LATENT holds, decoded with this model's VAE."""
+        with self.use() as pipe:
+            return pipe.decode_latents(pipe.from_vae_latents(latent["samples"]))
+
+
+class ModelHandle(Protocol):
+    """What nodes use of an ``INTERNVLU_MODEL``, whether loaded here or served elsewhere."""
+
+    def use(self) -> AbstractContextManager[Any]:
+        """The model for one job: ``understand``, ``understand_each``, ``reason``, ``generate``, ``edit``
+        and ``decode_latents_preview``, as ``InternVLUPipeline`` has them."""
+        ...
+
+    def offload(self) -> None:
+        """Free the accelerator."""
+        ...
+
+    def release(self) -> None:
+        """Free the weights (or connection); the next job brings them back."""
+        ...
+
+    def to_comfy_latent(self, pipe: Any, latents: Any) -> dict[str, Any]:
+        """The LATENT output of a job whose step callback last saw ``latents``."""
+        ...
+
+    def images_from_comfy_latent(self, latent: dict[str, Any]) -> list[Any]:
+        """The images of a LATENT input."""
+        ...
 
 
 _models: weakref.WeakValueDictionary[LoadSettings, InternVLUModel] = weakref.WeakValueDictionary()

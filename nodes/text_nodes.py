@@ -14,7 +14,7 @@ from .common_inputs import (
 )
 from .core_import import core
 from .images import collect_images
-from .model_handle import InternVLUModel
+from .model_handle import ModelHandle
 from .schema import NODE_ID_PREFIX, REASONING_TYPE, InputSpec, NodeResult, NodeSpec, OutputSpec, list_rows
 
 
@@ -144,7 +144,7 @@ UNDERSTAND = NodeSpec(
 
 
 def reason(
-    model: InternVLUModel,
+    model: ModelHandle,
     prompt: str,
     max_new_tokens: int,
     do_sample: bool,

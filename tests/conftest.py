@@ -94,3 +94,14 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def tiny_c_pipe():
     return get_pipeline("internvlu-tiny-c")
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """One real ``internvl-u serve`` on the tiny checkpoint, wanting the key ``served.api_key``: the server
+    behind the nodes', tools' and MCP server's remote tests (started on first use)."""
+    from serving import ServerProcess
+
+    server = ServerProcess(tmp_path_factory.mktemp("served") / "server.log", api_key="adapters-test-key").start()
+    yield server
+    assert server.stop() == 0, server.log_tail()

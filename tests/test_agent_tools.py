@@ -557,3 +557,96 @@ def test_agent_recovers_from_refusals(lazy_toolkit: InternVLUToolkit, folders: d
     assert "outside the folders" in outside.text and "Unknown image id 'img_0123456789ab'" in unknown.text
     assert str(folders["outside"]) not in outside.text  # the refusal does not reveal the other folder
     assert result["messages"][-1].text == "I cannot reach that image."
+
+
+# --------------------------------------------------------------------------------------------
+# A served model: InternVLUToolkit(model="http://host:port") against a real `internvl-u serve`
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def remote_toolkit(served: Any, folders: dict[str, Path]) -> InternVLUToolkit:
+    return InternVLUToolkit(model=served.url, api_key=served.api_key, timeout=300, output_dir=folders["outputs"],
+                            allowed_dirs=[folders["inputs"]])
+
+
+def test_agent_on_a_served_model_gives_the_local_outputs(
+    tiny_pipeline: InternVLUPipeline, remote_toolkit: InternVLUToolkit, folders: dict[str, Path]
+) -> None:
+    """The scripted agent of the local test, tool for tool, on the server: the same answers and pixels."""
+    def generate_reasoned(messages: list[BaseMessage]) -> AIMessage:
+        reasoning_id = REASONING_ID.search(last_tool_text(messages)).group()
+        return call("generate_image", "call_generate", prompt="A fox that shows hope", reasoning_id=reasoning_id,
+                    seed=42, **FAST)
+
+    def edit_generated(messages: list[BaseMessage]) -> AIMessage:
+        generated_id = IMAGE_ID.search(last_tool_text(messages)).group()
+        return call("edit_image", "call_edit", images=[generated_id, "fox.png"], instruction="Put them together",
+                    steps=2, seed=7, width=48, height=32)
+
+    model = ScriptedChatModel(
+        steps=[
+            call("understand_image", "call_understand", images=["fox.png"], question="What is this?", max_new_tokens=8),
+            call("reason", "call_reason", prompt="A fox that shows hope", max_new_tokens=8),
+            generate_reasoned,
+            edit_generated,
+            AIMessage("Done."),
+        ]
+    )
+    recorder = ProgressRecorder()
+    agent = create_agent(model, tools=remote_toolkit.get_tools())
+    result = agent.invoke({"messages": [HumanMessage("go")]}, config={"callbacks": [recorder]})
+    understood, reasoned, generated, edited = tool_messages(result)
+    assert all(m.status == "success" for m in (understood, reasoned, generated, edited))
+
+    fox = Image.open(folders["inputs"] / "fox.png").convert("RGB")
+    assert understood.artifact["answer"] == tiny_pipeline.understand([fox], "What is this?", max_new_tokens=8)
+    reasoning = tiny_pipeline.reason("A fox that shows hope", max_new_tokens=8)
+    assert reasoned.artifact["text"] == reasoning.text and reasoned.artifact["num_tokens"] == len(reasoning.token_ids)
+    drawn = tiny_pipeline.generate("A fox that shows hope", reasoning=reasoning, seed=42, **FAST)[0]
+    generated_path = generated.artifact["images"][0]["path"]
+    assert np.array_equal(pixels(generated_path), np.asarray(drawn))
+    expected = tiny_pipeline.edit([drawn, fox], "Put them together", steps=2, seed=7, width=48, height=32)[0]
+    assert np.array_equal(pixels(edited.artifact["images"][0]["path"]), np.asarray(expected))
+    stages = [data["stage"] for _, data in recorder.events]
+    assert {"answering", "reasoning", "denoising"} <= set(stages)  # progress streams from the server
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_served_job_cancels_it_on_the_server(remote_toolkit: InternVLUToolkit, served: Any) -> None:
+    first_step = asyncio.Event()
+
+    class StepWatcher(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            if data.get("stage") == "denoising":
+                first_step.set()
+
+    before = served.health()["cancelled"]
+    task = asyncio.create_task(
+        tool(remote_toolkit, "generate_image").ainvoke(
+            {"prompt": "A slow picture", "seed": 1, "width": 256, "height": 256, "steps": 100},
+            config={"callbacks": [StepWatcher()]},
+        )
+    )
+    await asyncio.wait_for(first_step.wait(), timeout=60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.to_thread(served.wait_for, lambda health: health["cancelled"] == before + 1 and health["running"] == 0)
+
+
+def test_served_model_key_and_options(served: Any, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from internvl_u_core import RemoteError
+
+    monkeypatch.setenv("INTERNVL_U_API_KEY", served.api_key)  # no api_key given: the environment's
+    from_env = InternVLUToolkit(model=served.url, output_dir=folders["outputs"], allowed_dirs=[folders["inputs"]])
+    assert invoke(from_env, "understand_image", images=["fox.png"], question="Hi", max_new_tokens=2).status == "success"
+    wrong = InternVLUToolkit(model=served.url, api_key="wrong", output_dir=folders["outputs"],
+                             allowed_dirs=[folders["inputs"]])
+    with pytest.raises(RemoteError, match="API key"):  # a fault of the deployment, not of the agent's request
+        invoke(wrong, "understand_image", images=["fox.png"], question="Hi")
+    with pytest.raises(ValueError, match="load_kwargs apply to a model loaded here"):
+        InternVLUToolkit(model=served.url, load_kwargs={"device": "cpu"}, output_dir=folders["outputs"])
+    with pytest.raises(ValueError, match="'internvl-u serve' \\(--quantize, --offload\\) for a served model"):
+        InternVLUToolkit(model=served.url, quantization="bf16", output_dir=folders["outputs"])
+    with pytest.raises(ValueError, match="api_key is for a served model"):
+        InternVLUToolkit(model=FIXTURE / "checkpoint", api_key="x", output_dir=folders["outputs"])
+    assert "wrong" not in repr(wrong)  # the key is a SecretStr

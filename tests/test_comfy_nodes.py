@@ -44,6 +44,7 @@ def test_node_set() -> None:
         "InternVLU_LoadImageFolder",
         "InternVLU_Loader",
         "InternVLU_Reason",
+        "InternVLU_RemoteLoader",
         "InternVLU_SaveCaptions",
         "InternVLU_Understand",
         "InternVLU_Unload",
@@ -364,3 +365,99 @@ def test_interrupt_stops_per_image_captioning(model: Any) -> None:
     with pytest.raises(ProcessingInterrupted):
         _understand(model, pictures, per_image=True)
     assert len(_understand(model, pictures, per_image=True)) == 3
+
+
+# --- a served model (InternVL-U Remote Loader) ----------------------------------------------
+
+KEY_ENV = "INTERNVLU_NODE_TEST_KEY"
+
+
+@pytest.fixture(scope="module")
+def remote(served: Any) -> Any:
+    """The Remote Loader's output on a real server, the key read from the environment variable it names."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv(KEY_ENV, served.api_key)
+    handle = SPECS["InternVLU_RemoteLoader"].run(base_url=served.url, api_key_env=KEY_ENV, timeout=300).values[0]
+    yield handle
+    handle.release()
+    patch.undo()
+
+
+def test_remote_loader_keeps_the_key_out_of_its_settings(remote: Any, served: Any) -> None:
+    assert served.api_key not in repr(remote) and served.api_key not in repr(remote.settings)
+    assert remote.settings.api_key_env == KEY_ENV
+
+
+def test_served_model_gives_the_local_outputs(model: Any, remote: Any) -> None:
+    """Every job node, with the Remote Loader's model instead of the Loader's: the same outputs."""
+    fox = pils_to_tensor([Image.open(FOX).convert("RGB")])
+    for handle_changes in ({}, {"all_cfg_scale": 3.0, "part_cfg_scale": 1.5, "batch_size": 2, "width": 48}):
+        assert torch.equal(_generate(remote, **handle_changes), _generate(model, **handle_changes))
+    reason = dict(prompt="paint it in autumn colours", max_new_tokens=8, do_sample=False, temperature=1.0,
+                  top_p=1.0, num_beams=1, seed=0, image=fox)
+    (served_reasoning, served_text), (local_reasoning, local_text) = (
+        SPECS["InternVLU_Reason"].run(model=handle, **reason).values for handle in (remote, model)
+    )
+    assert served_reasoning == local_reasoning and served_text == local_text
+    edit = dict(instruction="", resolution="same as input", width=0, height=0, steps=2, all_cfg_scale=0.0,
+                part_cfg_scale=0.0, seed=4, batch_size=1, image=fox, reasoning=served_reasoning)
+    served_edit, local_edit = (SPECS["InternVLU_Edit"].run(model=handle, **edit).values[0] for handle in (remote, model))
+    assert served_edit.shape == (1, 60, 80, 3) and torch.equal(served_edit, local_edit)
+    pictures = pils_to_tensor(_three_images())
+    for per_image in (False, True):
+        assert _understand(remote, pictures, per_image=per_image) == _understand(model, pictures, per_image=per_image)
+
+
+def test_served_latents_are_explained_not_crashed(model: Any, remote: Any) -> None:
+    controls = dict(steps=1, all_cfg_scale=0.0, part_cfg_scale=0.0, seed=3, batch_size=1)
+    draw = dict(prompt="a tree", resolution="custom (width x height)", width=32, height=32, **controls)
+    images, latent = SPECS["InternVLU_Generate"].run(model=remote, **draw).values
+    assert images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="sends images, not latents.*'images' output"):
+        latent["samples"]  # what ComfyUI's VAE Decode, KSampler or latent upscale read first
+    local_latent = SPECS["InternVLU_Generate"].run(model=model, **draw).values[1]
+    edit = dict(instruction="make it red", resolution="same as input", width=0, height=0, **controls)
+    with pytest.raises(ValueError, match="'image_latent' needs a model loaded here.*VAE Decode"):
+        SPECS["InternVLU_Edit"].run(model=remote, image_latent=local_latent, **edit)
+
+
+def test_interrupt_cancels_the_server_job_and_the_next_run_works(remote: Any, served: Any) -> None:
+    reference = _generate(remote)
+    before = served.health()["cancelled"]
+    request_interrupt()
+    with pytest.raises(ProcessingInterrupted):
+        _generate(remote, steps=1000)
+    served.wait_for(lambda health: health["cancelled"] == before + 1 and health["running"] == 0)
+    request_interrupt()
+    with pytest.raises(ProcessingInterrupted):  # at the first token (the answer may end before the server notices)
+        _understand(remote, max_new_tokens=2000)
+    served.wait_for(lambda health: health["running"] == 0)
+    assert torch.equal(_generate(remote), reference)
+
+
+def test_unload_closes_the_connection_and_the_next_run_reconnects(remote: Any) -> None:
+    reference = _understand(remote)
+    SPECS["InternVLU_Unload"].run(model=remote, mode="offload")
+    assert remote.is_loaded  # nothing to move: the server keeps its model
+    SPECS["InternVLU_Unload"].run(model=remote, mode="free_ram")
+    assert not remote.is_loaded
+    assert _understand(remote) == reference and remote.is_loaded
+
+
+def test_remote_loader_errors_are_clear(served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from internvl_u_core import InvalidInputError, RemoteError
+    from nodes.core_import import MissingDependencyError
+
+    loader = SPECS["InternVLU_RemoteLoader"]
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    keyless = loader.run(base_url=served.url, api_key_env=KEY_ENV, timeout=60).values[0]
+    with pytest.raises(RemoteError, match=f"'api_key_env' \\({KEY_ENV}\\)") as refused:
+        _understand(keyless)
+    assert refused.value.status_code == 401
+    given = loader.run(base_url=served.url, api_key_env="", timeout=60, api_key=served.api_key).values[0]
+    assert _understand(given, max_new_tokens=2)  # a key from another node's output works as well
+    with pytest.raises(InvalidInputError, match="base_url must be an http"):
+        loader.run(base_url="127.0.0.1:8091", api_key_env="", timeout=60)
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as if httpx were not installed in ComfyUI's Python
+    with pytest.raises(MissingDependencyError, match="httpx.*pip install httpx"):
+        loader.run(base_url=served.url, api_key_env="", timeout=60)

@@ -62,8 +62,9 @@ pytestmark = pytest.mark.skipif(
 class Server:
     """A ComfyUI process on a free loopback port, with its own input/output/model folders."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, environment: dict[str, str]) -> None:
         self.base = base
+        self.environment = environment
         self.log_path = base / "server.log"
         self.output = base / "output"
         self.url = ""
@@ -113,7 +114,8 @@ class Server:
             "auto",
         ]
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.environment})
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -155,8 +157,8 @@ class Server:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"null")
 
-    def queue(self, prompt: dict[str, Any]) -> str:
-        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    def queue(self, prompt: dict[str, Any], client_id: str | None = None) -> str:
+        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         assert status == 200, reply
         assert reply["node_errors"] == {}
         return reply["prompt_id"]
@@ -251,9 +253,19 @@ def fast_prompt(name: str, **changes: dict[str, Any]) -> dict[str, Any]:
     return prompt
 
 
+def point_at(prompt: dict[str, Any], served: Any) -> dict[str, Any]:
+    """The prompt with every Remote Loader's base_url set to the test server."""
+    for node in prompt.values():
+        if node["class_type"] == "InternVLU_RemoteLoader":
+            node["inputs"]["base_url"] = served.url
+    return prompt
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
-    instance = Server(tmp_path_factory.mktemp("comfyui"))
+def server(tmp_path_factory: pytest.TempPathFactory, served: Any) -> Server:
+    """ComfyUI, with the key of the test's `internvl-u serve` (conftest's ``served``, run by this Python)
+    where the Remote Loader looks for it."""
+    instance = Server(tmp_path_factory.mktemp("comfyui"), {"INTERNVL_U_API_KEY": served.api_key})
     try:
         instance.start()
         yield instance
@@ -324,8 +336,8 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_api_workflow_completes(server: Server, name: str) -> None:
-    prompt = fast_prompt(name, **CHANGES.get(name, {}))
+def test_api_workflow_completes(server: Server, served: Any, name: str) -> None:
+    prompt = point_at(fast_prompt(name, **CHANGES.get(name, {})), served)
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     outputs = entry["outputs"]
@@ -399,6 +411,113 @@ def test_interrupt_stops_a_running_generation(server: Server) -> None:
     assert again["status"]["status_str"] == "success"
 
 
+def _node(prompt: dict[str, Any], class_type: str) -> str:
+    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
+
+
+def _local(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The prompt with the Remote Loader swapped for the shipped workflows' Loader (same node id)."""
+    local = json.loads(json.dumps(prompt))
+    shipped = fast_prompt("internvlu_text_to_image")
+    local[_node(local, "InternVLU_RemoteLoader")] = shipped[_node(shipped, "InternVLU_Loader")]
+    return local
+
+
+def test_remote_workflow_gives_the_local_results(server: Server, served: Any, tiny_pipe: Any) -> None:
+    """The served-model workflow: every text and pixel equals the core's in-process result (the server's
+    Python and thread count), and the same workflow on the Loader in this ComfyUI."""
+    prompt = point_at(fast_prompt("internvlu_remote_server"), served)
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    reason, generate, understand, edit = (_node(prompt, f"InternVLU_{kind}")
+                                          for kind in ("Reason", "Generate", "Understand", "Edit"))
+    saves = {n["inputs"]["images"][0]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    texts = {node: entry["outputs"][node]["text"][0] for node in (reason, understand)}
+    pictures = {node: _saved(server, entry, saves[node]) for node in (generate, edit)}
+
+    def inputs(node: str) -> dict[str, Any]:
+        return prompt[node]["inputs"]
+
+    def text_kwargs(node: str) -> dict[str, Any]:
+        return {k: inputs(node)[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "seed")}
+
+    def draw_kwargs(node: str) -> dict[str, Any]:
+        return {"steps": inputs(node)["steps"], "seed": inputs(node)["seed"], "num_images": inputs(node)["batch_size"]}
+
+    thought = tiny_pipe.reason(inputs(reason)["prompt"], **text_kwargs(reason))
+    drawn = tiny_pipe.generate(inputs(reason)["prompt"], reasoning=thought, width=inputs(generate)["width"],
+                               height=inputs(generate)["height"], **draw_kwargs(generate))
+    fox = Image.open(TINY / "inputs" / "img_fox_80x60.png").convert("RGB")
+    edited = tiny_pipe.edit([fox], inputs(edit)["instruction"], **draw_kwargs(edit))
+    assert texts[reason] == thought.text
+    assert texts[understand] == tiny_pipe.understand(drawn, inputs(understand)["question"], **text_kwargs(understand))
+    for node, expected in ((generate, drawn), (edit, edited)):
+        assert [p.shape for p in pictures[node]] == [(e.height, e.width, 3) for e in expected]
+        assert all(np.array_equal(p, np.asarray(e, dtype=np.int16)) for p, e in zip(pictures[node], expected))
+
+    local = server.wait(server.queue(_local(prompt)))
+    assert local["status"]["status_str"] == "success", local["status"]["messages"]
+    assert {node: local["outputs"][node]["text"][0] for node in (reason, understand)} == texts
+    for node in (generate, edit):
+        assert all(np.array_equal(a, b) for a, b in zip(_saved(server, local, saves[node]), pictures[node]))
+
+
+def _progress_until_done(socket: Any, prompt_id: str) -> tuple[dict[str, list[tuple[int, int]]], int]:
+    """Progress ticks per node and the number of preview frames ComfyUI sent for ``prompt_id``."""
+    ticks: dict[str, list[tuple[int, int]]] = {}
+    previews = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        message = socket.recv(timeout=60)
+        if isinstance(message, bytes):
+            previews += int.from_bytes(message[:4], "big") in (1, 4)  # PREVIEW_IMAGE (with metadata)
+            continue
+        event = json.loads(message)
+        data = event.get("data", {})
+        if data.get("prompt_id") != prompt_id:
+            continue
+        if event["type"] == "progress":
+            ticks.setdefault(data["node"], []).append((data["value"], data["max"]))
+        if event["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+            return ticks, previews
+    raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+
+def _is_progress_of(message: str | bytes, node: str) -> bool:
+    if isinstance(message, bytes):
+        return False
+    event = json.loads(message)
+    return event["type"] == "progress" and event["data"].get("node") == node
+
+
+def test_remote_progress_previews_and_cancel(server: Server, served: Any) -> None:
+    """Through ComfyUI's websocket: a tick per denoising step (with a preview) and per token; Cancel
+    closes the stream and the server cancels its job."""
+    from websockets.sync.client import connect
+
+    client_id = uuid.uuid4().hex
+    prompt = point_at(fast_prompt("internvlu_remote_server", InternVLU_Generate={"steps": 3}), served)
+    generate, understand = _node(prompt, "InternVLU_Generate"), _node(prompt, "InternVLU_Understand")
+    with connect(f"ws://{server.url.removeprefix('http://')}/ws?clientId={client_id}") as socket:
+        ticks, previews = _progress_until_done(socket, server.queue(prompt, client_id))
+        assert ticks[generate] == [(1, 3), (2, 3), (3, 3)]
+        assert ticks[_node(prompt, "InternVLU_Edit")] == [(1, 2), (2, 2)]
+        assert previews == 5  # the server's preview of every denoising step, Generate's and Edit's
+        for node in (understand, _node(prompt, "InternVLU_Reason")):  # token by token (newer cores skip some)
+            assert ticks[node][0] == (1, 8) and ticks[node][-1] == (8, 8)
+
+        before = served.health()["cancelled"]
+        long_run = point_at(fast_prompt("internvlu_remote_server", InternVLU_Generate={"steps": 1000}), served)
+        prompt_id = server.queue(long_run, client_id)
+        while not _is_progress_of(socket.recv(timeout=120), generate):
+            pass
+        server.post("/interrupt", {})
+        entry = server.wait(prompt_id, timeout=60)
+    events = {event: data for event, data in entry["status"]["messages"]}
+    assert events["execution_interrupted"]["node_id"] == generate
+    served.wait_for(lambda health: health["cancelled"] == before + 1 and health["running"] == 0)
+
+
 def _loads(server: Server) -> int:
     return server.log().count("Requested to load PipelineModules")
 
@@ -459,6 +578,11 @@ try:
 except BaseException as error:
     report["interrupted"] = type(error).__name__
 report["same_after_interrupt"] = bool(torch.equal(specs["InternVLU_Generate"].run(**run).values[0], first))
+import comfy.latent_formats as formats
+from internvlu_pack.internvl_u_core import sampling
+report["previews_use_comfyui_wan21_table"] = (
+    torch.equal(torch.tensor(formats.Wan21.latent_rgb_factors), torch.tensor(sampling.WAN21_RGB_FACTORS))
+    and torch.equal(torch.tensor(formats.Wan21.latent_rgb_factors_bias), torch.tensor(sampling.WAN21_RGB_BIAS)))
 print(json.dumps(report))
 """
 
@@ -475,3 +599,4 @@ def test_model_patcher_and_interrupt_match_this_comfyui() -> None:
     assert report["interrupted"] == "InterruptProcessingException"  # not swallowed, whatever its base class
     assert report["same_after_interrupt"]
     assert report.get("evictable_like_core_loaders", True)
+    assert report["previews_use_comfyui_wan21_table"]  # the core's copy, which previews use, is ComfyUI's

@@ -308,6 +308,19 @@ def expected_outputs(name: str, prompt: dict, pipe: Any) -> dict[str, Any]:
         node = _find(prompt, "InternVLU_Generate")
         inputs = _inputs(prompt, node)
         return {node: pil_tensor(pipe.generate(inputs["prompt"], **_draw_kwargs(inputs)))}
+    if name == "internvlu_remote_server":  # the server answers what the core gives here
+        reason_node, draw, ask, change = (_find(prompt, f"InternVLU_{kind}")
+                                          for kind in ("Reason", "Generate", "Understand", "Edit"))
+        r_inputs, q_inputs = _inputs(prompt, reason_node), _inputs(prompt, ask)
+        reasoning = pipe.reason(r_inputs["prompt"], **_text_kwargs(r_inputs))
+        drawn = pipe.generate(r_inputs["prompt"], reasoning=reasoning, **_draw_kwargs(_inputs(prompt, draw)))
+        inputs = _inputs(prompt, change)
+        return {
+            reason_node: reasoning.text,
+            draw: pil_tensor(drawn),
+            ask: pipe.understand(drawn, q_inputs["question"], **_text_kwargs(q_inputs)),
+            change: pil_tensor(pipe.edit([fox], inputs["instruction"], **_draw_kwargs(inputs))),
+        }
     raise AssertionError(f"no expectation for workflow {name}")
 
 
@@ -330,14 +343,28 @@ def test_every_workflow_has_an_expectation() -> None:
             "internvlu_multi_image_compare",
             "internvlu_reasoning_edit",
             "internvlu_reasoning_text_to_image",
+            "internvlu_remote_server",
             "internvlu_text_to_image",
         ]
     )
 
 
+def point_at(prompt: dict[str, Any], request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The prompt with every Remote Loader's base_url set to the test server (started on first need), its
+    key in the environment variable the loader names."""
+    for node in prompt.values():
+        if node["class_type"] == "InternVLU_RemoteLoader":
+            served = request.getfixturevalue("served")
+            node["inputs"]["base_url"] = served.url
+            request.getfixturevalue("monkeypatch").setenv(node["inputs"]["api_key_env"], served.api_key)
+    return prompt
+
+
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_api_workflow_runs_and_matches_the_core(name: str, executor: Executor, pipe: Any) -> None:
-    prompt = fast_prompt(load_api(name))
+def test_api_workflow_runs_and_matches_the_core(
+    name: str, executor: Executor, pipe: Any, request: pytest.FixtureRequest
+) -> None:
+    prompt = point_at(fast_prompt(load_api(name)), request)
     results = executor.run(prompt)
     expected = expected_outputs(name, prompt, pipe)
     for node_id, want in expected.items():

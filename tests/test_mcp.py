@@ -413,6 +413,41 @@ def _accepting(port: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# A served model: `internvl-u mcp --model http://…` in front of a real `internvl-u serve`
+# --------------------------------------------------------------------------------------------
+def test_a_served_model_gives_the_in_process_results(
+    folders: dict[str, Path], tiny_pipeline: InternVLUPipeline, tmp_path: Path, served: Any
+) -> None:
+    command = ["-m", "internvl_u_core.cli", "mcp", "--model", served.url, "--output-dir", str(folders["outputs"]),
+               "--allowed-dir", str(folders["inputs"])]
+    params = StdioServerParameters(command=sys.executable, args=command,
+                                   env={**server_env(), "INTERNVL_U_API_KEY": served.api_key})
+    with (
+        (tmp_path / "mcp.log").open("w") as log,
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(Client(stdio_client(params, errlog=log))) as client,
+    ):
+        remote = Session(portal, client)
+        assert list(remote.tools()) == ["understand_image", "reason", "generate_image", "edit_image"]
+        progress: list[tuple[float, float | None, str | None]] = []
+        drawn = remote.call("generate_image", progress, prompt="A kite", seed=2, **FAST)
+        answer = remote.call("understand_image", images=["fox.png"], question="What is it?", max_new_tokens=6)
+    assert not drawn.is_error and not answer.is_error
+    expected = tiny_pipeline.generate("A kite", seed=2, **FAST)[0]
+    assert np.array_equal(pixels(returned_images(drawn)[0]), pixels(expected))
+    assert [message for *_, message in progress] == ["denoising 1/2", "denoising 2/2"]
+    fox = Image.open(folders["inputs"] / "fox.png").convert("RGB")
+    assert tiny_pipeline.understand([fox], "What is it?", max_new_tokens=6) in text_of(answer)
+
+
+def test_loading_options_do_not_go_with_a_served_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["mcp", "--model", "http://127.0.0.1:8091", "--dtype", "float32", "--offload"]) == 2
+    assert "--dtype, --offload apply to a model loaded here" in capsys.readouterr().err
+    assert cli_main(["serve", "--model", "http://127.0.0.1:8091"]) == 2
+    assert "is a URL; this command serves a checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
 # The command line and the package boundary
 # --------------------------------------------------------------------------------------------
 def test_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

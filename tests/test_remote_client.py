@@ -49,6 +49,20 @@ def test_understand_matches_the_pipeline(remote, tiny_pipe):
     assert remote.understand(None, "Hello", max_new_tokens=5) == tiny_pipe.understand(None, "Hello", max_new_tokens=5)
 
 
+def test_understand_each_matches_the_pipeline(remote, tiny_pipe):
+    source = fox()
+    pictures = [source, Image.new("RGB", (40, 30), (20, 120, 220)), source.transpose(Image.Transpose.ROTATE_180)]
+    done = []
+    answers = remote.understand_each(pictures, "What is it?", max_new_tokens=7, system_prompt="Be brief.",
+                                     image_callback=lambda *progress: done.append(progress))
+    assert answers == tiny_pipe.understand_each(pictures, "What is it?", max_new_tokens=7, system_prompt="Be brief.")
+    assert done == [(1, 3), (2, 3), (3, 3)]
+    sampled = dict(max_new_tokens=5, do_sample=True, temperature=0.8, seed=9)
+    assert remote.understand_each(source, "Hi", **sampled) == tiny_pipe.understand_each(source, "Hi", **sampled)
+    with pytest.raises(GenerationCancelled, match="after 1 images"):
+        remote.understand_each(pictures, "What?", max_new_tokens=2, image_callback=lambda *_: False)
+
+
 def test_text_callbacks_report_the_same_progress(remote, tiny_pipe):
     local_steps, remote_steps, texts = [], [], []
     local = tiny_pipe.understand(None, "Count", max_new_tokens=7, token_callback=lambda *a: local_steps.append(a))
@@ -127,6 +141,9 @@ def test_callbacks_cancel_the_server_job(remote, server):
     pytest.param(lambda p: p.understand(None, "x", max_new_tokens=0), id="max-new-tokens"),
     pytest.param(lambda p: p.understand(None, None), id="question-type"),
     pytest.param(lambda p: p.reason("x", seed=-1), id="seed"),
+    pytest.param(lambda p: p.understand_each([], "x"), id="each-no-images"),
+    pytest.param(lambda p: p.understand_each(fox(), "x", batch_size=0), id="each-batch-size"),
+    pytest.param(lambda p: p.understand_each([fox(), 3], "x"), id="each-image-type"),
 ])
 def test_bad_arguments_fail_as_in_process(remote, tiny_pipe, call):
     with pytest.raises(InternVLUError) as local:
@@ -159,6 +176,16 @@ def test_a_drop_in_for_the_pipeline(remote, tiny_pipe):
 
     local, served = adapter(tiny_pipe), adapter(remote)
     assert served[0] == local[0] and same_pictures(served[1], local[1]) and served[2:] == local[2:]
+
+
+def test_no_key_given_sends_the_environment_one(server, monkeypatch):
+    monkeypatch.setenv("INTERNVL_U_API_KEY", KEY)
+    with RemoteInternVLU(server.url) as from_env:
+        assert from_env.understand(None, "Hi", max_new_tokens=2) is not None
+    with RemoteInternVLU(server.url, api_key="") as keyless:  # "": explicitly none
+        with pytest.raises(RemoteError) as caught:
+            keyless.understand(None, "Hi", max_new_tokens=2)
+    assert caught.value.status_code == 401
 
 
 def test_server_refusals_are_remote_errors(server):

@@ -12,10 +12,10 @@ import logging
 import os
 import sys
 
-from internvl_u_serve.common import add_model_options, check_model_options, load_pipeline
+from internvl_u_core.remote import API_KEY_ENV
+from internvl_u_serve.common import add_model_options, load_pipeline, model_problem
 
 MISSING_EXTRA = 'internvl-u serve: error: the server needs the [serve] extra; run: pip install "internvl-u[serve]"'
-API_KEY_ENV = "INTERNVL_U_API_KEY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,13 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if any(importlib.util.find_spec(name) is None for name in ("starlette", "uvicorn", "multipart")):
         print(MISSING_EXTRA, file=sys.stderr)
         return 1
-    from internvl_u_core.cli import MODEL_ENV
-
-    if not args.model:
-        print(f"internvl-u serve: error: no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}",
-              file=sys.stderr)
-        return 2
-    problem = check_model_options(args)
+    problem = model_problem(args)
     if problem:
         print(f"internvl-u serve: error: {problem}", file=sys.stderr)
         return 2

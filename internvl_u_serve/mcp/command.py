@@ -7,15 +7,12 @@ nothing (the SDK and the model are imported only when the command runs).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
-from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
-from internvl_u_core.errors import InvalidInputError
+from internvl_u_serve.common import add_model_options, load_model, model_problem
 
 MISSING_SDK = (
     'internvl-u mcp: error: the MCP SDK is not installed; install the [mcp] extra: pip install -e ".[mcp]" '
@@ -35,10 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Clients may read image files only inside --allowed-dir folders and --output-dir."
         ),
     )
-    parser.add_argument(
-        "--model", default=os.environ.get(MODEL_ENV),
-        help=f"checkpoint folder in the released layout, or a Hugging Face hub id (default: ${MODEL_ENV})",
-    )
+    add_model_options(parser, remote=True)
     parser.add_argument(
         "--output-dir", default="internvl-u-outputs", metavar="DIR",
         help="folder for generated and edited images, saved as <image_id>.png (default: ./internvl-u-outputs)",
@@ -52,13 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--http", type=_port, default=None, metavar="PORT",
         help=f"serve streamable HTTP at http://{HOST}:PORT/mcp instead of stdio",
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weight precision; auto = bfloat16 on CUDA, float32 on CPU (default: auto)")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or mps (default: cuda if available)")
-    group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
-    group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
-    add_memory_options(group)
     parser.set_defaults(handler=run)
 
 
@@ -75,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from internvl_u_serve.mcp.server import build_server
 
-    server = build_server(_load(args), args.output_dir, args.allowed_dir)
+    server = build_server(load_model(args, "mcp"), args.output_dir, args.allowed_dir)
     if args.http is None:
         server.run("stdio")
     else:
@@ -83,30 +70,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    """Load the pipeline before serving, so the first tool call does not wait for it."""
-    from internvl_u_core import InternVLUPipeline
-
-    def progress(message: str) -> None:
-        print(f"internvl-u mcp: {message}", file=sys.stderr, flush=True)
-
-    # In stdio mode stdout is the protocol channel: nothing printed while loading may reach it.
-    with contextlib.redirect_stdout(sys.stderr):
-        pipe = InternVLUPipeline.from_pretrained(
-            args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
-            revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
-        )
-    return pipe
-
-
 def _check_folders(args: argparse.Namespace) -> str | None:
     """Refuse a missing model or folder, or a mode this machine cannot run, before loading the model."""
-    if not args.model:
-        return f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}"
-    try:
-        check_memory_options(args, CLI_NAMES)
-    except InvalidInputError as exc:
-        return str(exc)
+    problem = model_problem(args, remote=True)
+    if problem:
+        return problem
     for folder in args.allowed_dir:
         if not Path(folder).is_dir():
             return f"--allowed-dir {folder!r} is not a folder"

@@ -9,6 +9,11 @@ MODEL_FOLDER = "InternVL-U"
 EXAMPLE_IMAGE = "example.png"  # ships in ComfyUI's input/ folder
 CAPTION_FOLDER = "dataset"  # a folder of images the user puts in ComfyUI's input/ folder
 QWEN_IMAGE_VAE = "qwen_image_vae.safetensors"  # ComfyUI's Qwen-Image VAE file, in models/vae/
+SERVER_URL = "http://127.0.0.1:8091"  # where `internvl-u serve` listens by default
+LOCAL_SETUP = (
+    "Put the InternVL-U checkpoint folder in `ComfyUI/models/internvl_u/InternVL-U` "
+    "(or pick another folder in the loader)."
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Workflow:
     title: str
     description: str
     nodes: list[Node]
+    setup: str = LOCAL_SETUP  # the note's last paragraph: what to do before queueing it
 
 
 def _loader(node_id: int = 1) -> Node:
@@ -318,6 +324,46 @@ LATENT_TO_VAE_DECODE = Workflow(
     ],
 )
 
+REMOTE_SERVER = Workflow(
+    "internvlu_remote_server",
+    "InternVL-U: use a served model (internvl-u serve)",
+    "The Remote Loader hands every InternVL-U node a model served by `internvl-u serve`, on this machine or "
+    "a GPU box: no weights are loaded in ComfyUI. Here Reason plans a picture, Generate draws it, Understand "
+    "describes it and Edit changes the example image, all on the server, with progress, previews and Cancel. "
+    "Swap the Remote Loader in for the Loader of any workflow (the LATENT outputs are not available remotely).",
+    [
+        Node(1, "InternVLU_RemoteLoader", {"base_url": SERVER_URL, "api_key_env": "INTERNVL_U_API_KEY",
+                                           "timeout": 600}),
+        Node(2, "InternVLU_Reason", {"model": Link(1), "prompt": "A lighthouse on a cliff that shows hope.",
+                                     **_text_controls(200)}),
+        Node(
+            3,
+            "InternVLU_Generate",
+            {"model": Link(1), "prompt": "", **_image_controls(1024, 1024, 42, "1:1 (1024x1024)"),
+             "reasoning": Link(2, 0)},
+        ),
+        _save(4, 3, "InternVL-U/remote_t2i"),
+        Node(
+            5,
+            "InternVLU_Understand",
+            {"model": Link(1), "image": Link(3, 0), "question": "Describe this image in one sentence.",
+             **_text_controls(64), "per_image": False},
+        ),
+        _load_image(6),
+        Node(
+            7,
+            "InternVLU_Edit",
+            {"model": Link(1), "image": Link(6), "instruction": "Make the sky purple and add a glowing moon.",
+             **_image_controls(0, 0, 123, "same as input")},
+        ),
+        _save(8, 7, "InternVL-U/remote_edit"),
+    ],
+    setup=f"Start the server first, e.g. `internvl-u serve --model InternVL-U/InternVL-U --port 8091` (needs "
+    f"`pip install \"internvl-u[serve]\"`), and set the Remote Loader's base_url to it ({SERVER_URL} here). "
+    "A server started with --api-key: set INTERNVL_U_API_KEY in ComfyUI's environment (the Remote Loader's "
+    "api_key_env). ComfyUI's Python needs httpx.",
+)
+
 WORKFLOWS = [
     IMAGE_QA,
     MULTI_IMAGE,
@@ -328,4 +374,5 @@ WORKFLOWS = [
     DESCRIBE_THEN_EDIT,
     CAPTION_FOLDER_WORKFLOW,
     LATENT_TO_VAE_DECODE,
+    REMOTE_SERVER,
 ]

@@ -205,11 +205,7 @@ def to_ui(workflow: Workflow) -> dict[str, Any]:
 
 
 def _note(node_id: int, workflow: Workflow, order: int) -> dict[str, Any]:
-    text = (
-        f"## {workflow.title}\n\n{workflow.description}\n\n"
-        "Put the InternVL-U checkpoint folder in `ComfyUI/models/internvl_u/InternVL-U` "
-        "(or pick another folder in the loader)."
-    )
+    text = f"## {workflow.title}\n\n{workflow.description}\n\n{workflow.setup}"
     return {
         "id": node_id,
         "type": "MarkdownNote",
