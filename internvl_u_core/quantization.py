@@ -51,8 +51,8 @@ MODE_HELP = {
 #: DiT modules kept in full precision in every mode: everything outside the transformer blocks.
 DIT_FULL_PRECISION = ["img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
 #: What to install for the CUDA modes (the extras of ``pyproject.toml``).
-TORCHAO_INSTALL = 'pip install "internvl-u[quant]"'
-BITSANDBYTES_INSTALL = 'pip install "internvl-u[cuda-quant]"'
+TORCHAO_INSTALL = 'pip install "torchao>=0.15" (the [quant] extra)'
+BITSANDBYTES_INSTALL = 'pip install "torchao>=0.15" "bitsandbytes>=0.45" (the [cuda-quant] extra)'
 _MIN_TORCHAO = (0, 15)  # diffusers' torchao quantiser needs it
 _FP8_CAPABILITY = (8, 9)  # float8 kernels and diffusers' float8 configs need Ada / Hopper or newer
 

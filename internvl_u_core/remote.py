@@ -27,7 +27,10 @@ from .pipeline import Reasoning
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 
-MISSING_EXTRA = 'RemoteInternVLU needs httpx; run: pip install "internvl-u[remote]"'
+MISSING_EXTRA = (
+    'RemoteInternVLU needs httpx; install the [remote] extra: pip install -e ".[remote]" in your clone, '
+    'or pip install "httpx>=0.27"'
+)
 #: The environment variable holding the server's key: ``internvl-u serve`` reads it for ``--api-key``,
 #: and a client given no key sends it.
 API_KEY_ENV = "INTERNVL_U_API_KEY"

@@ -498,7 +498,8 @@ def test_without_the_serve_extra_the_command_names_it_in_one_line():
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        'internvl-u serve: error: the server needs the [serve] extra; run: pip install "internvl-u[serve]"'
+        'internvl-u serve: error: the server needs the [serve] extra: pip install -e ".[serve]" in your clone, '
+        'or pip install "starlette>=0.40,<2" "uvicorn>=0.30" "python-multipart>=0.0.9" "httpx>=0.27"'
     ]
 
 

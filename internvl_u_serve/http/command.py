@@ -15,7 +15,10 @@ import sys
 from internvl_u_core.remote import API_KEY_ENV
 from internvl_u_serve.common import add_model_options, load_pipeline, model_problem
 
-MISSING_EXTRA = 'internvl-u serve: error: the server needs the [serve] extra; run: pip install "internvl-u[serve]"'
+MISSING_EXTRA = (
+    'internvl-u serve: error: the server needs the [serve] extra: pip install -e ".[serve]" in your clone, '
+    'or pip install "starlette>=0.40,<2" "uvicorn>=0.30" "python-multipart>=0.0.9" "httpx>=0.27"'
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -359,7 +359,7 @@ REMOTE_SERVER = Workflow(
         _save(8, 7, "InternVL-U/remote_edit"),
     ],
     setup=f"Start the server first, e.g. `internvl-u serve --model InternVL-U/InternVL-U --port 8091` (needs "
-    f"`pip install \"internvl-u[serve]\"`), and set the Remote Loader's base_url to it ({SERVER_URL} here). "
+    f"`pip install -e \".[serve]\"`), and set the Remote Loader's base_url to it ({SERVER_URL} here). "
     "A server started with --api-key: set INTERNVL_U_API_KEY in ComfyUI's environment (the Remote Loader's "
     "api_key_env). ComfyUI's Python needs httpx.",
 )
