@@ -350,10 +350,6 @@ class DecoderContext:
         return sum(self.num_target_tokens)
 
     @property
-    def total_image_tokens(self) -> int:
-        return self.total_target_tokens + sum(self.num_reference_tokens)
-
-    @property
     def total_tokens(self) -> int:
         return self.row_spans[-1][1] if self.row_spans else 0
 
