@@ -30,6 +30,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import report  # noqa: E402
 from checkpoint import RELEASED_LAYERS, REPO, ensure_checkpoint, read_layers  # noqa: E402
 from worker import INSTRUCTION, PROMPT, test_image  # noqa: E402
 
@@ -295,10 +296,9 @@ def timing_summary(doc: dict, modes: list[str]) -> dict:
             entry["runs"] = len(slot.get("runs", []))
             if name != "default":
                 for metric in ("total_s", "decode_tok_s"):
-                    pairs = [b[metric] / a[metric] for a, b in zip(base.get(job, {}).get("runs", []), slot.get("runs", []))
-                             if a.get(metric) and b.get(metric)]
-                    if pairs:
-                        entry[f"paired_{metric}_ratio"] = round(statistics.median(pairs), 3)
+                    ratio = report.paired_ratio(base.get(job, {}).get("runs", []), slot.get("runs", []), metric)
+                    if ratio is not None:
+                        entry[f"paired_{metric}_ratio"] = round(ratio, 3)
             per_job[job] = entry
         out["float32" if name == "default" else name] = per_job
     return out
