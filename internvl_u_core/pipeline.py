@@ -429,7 +429,7 @@ class InternVLUPipeline:
         question: str,
         *,
         batch_size: int = 8,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -458,7 +458,7 @@ class InternVLUPipeline:
                  temperature=temperature, top_p=top_p, num_beams=num_beams),
             default_max_new_tokens=None, limits=self.limits,
         )
-        seed = check.optional_seed(seed)
+        seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         by_size: dict[tuple[int, int], list[int]] = {}
         for index, picture in enumerate(pictures):
@@ -600,7 +600,6 @@ class InternVLUPipeline:
                 inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device), logits_to_keep=1
             )
             return out.logits[0, -1].float().cpu()
-
 
     def generate_batch(
         self,
