@@ -27,7 +27,6 @@ from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKE
 
 from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
 
-MAX_N = 64  # images per request (the pipeline's own bound on num_images)
 _ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
@@ -341,7 +340,7 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
     if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "image"}:
         raise bad_request("modalities", f"modalities must be ['text'] or ['image'], got {modalities!r}")
     stream = bool(fields.boolean("stream", default=False))
-    n = fields.integer("n", 1, MAX_N, default=1)
+    n = fields.integer("n", 1, limits.max_output_images, default=1)
     if "image" in modalities:
         if stream:
             raise bad_request("stream", "stream: streaming is available for text answers only")
@@ -380,7 +379,7 @@ def _sampling(fields: Fields, limits: check.Limits) -> dict:
     if top_p is not None:
         out["top_p"] = top_p
     out["min_new_tokens"] = fields.integer("min_tokens", 0, limits.max_new_tokens, default=0)
-    out["num_beams"] = fields.integer("num_beams", 1, 16, default=1)
+    out["num_beams"] = fields.integer("num_beams", 1, limits.max_num_beams, default=1)
     return out
 
 
@@ -524,7 +523,7 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
     fmt, quality = output_format(fields)
     limits = settings.limits
     prompt = fields.string("prompt", required=True, limits=limits)
-    n = fields.integer("n", 1, MAX_N, default=1)
+    n = fields.integer("n", 1, limits.max_output_images, default=1)
     width, height = size_of(fields, settings)
     reasoning = parse_reasoning(fields)
     stream = bool(fields.boolean("stream", default=False))
