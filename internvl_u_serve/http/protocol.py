@@ -27,9 +27,6 @@ from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKE
 
 from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
 
-_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "server_error", 500: "server_error"}
-
 
 class APIError(Exception):
     """An HTTP error in OpenAI's shape; ``param`` names the request field at fault."""
@@ -44,7 +41,10 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        if self.status == 429:
+            kind = "rate_limit_error"
+        else:
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
