@@ -527,9 +527,8 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
     width, height = size_of(fields, settings)
     reasoning = parse_reasoning(fields)
     stream = bool(fields.boolean("stream", default=False))
-    system_prompt = fields.string("system_prompt", limits=limits)
     with field_named("system_prompt"):
-        system_prompt = check.system_prompt(system_prompt, limits)
+        system_prompt = check.system_prompt(fields.raw("system_prompt"), limits)
     steps_field = draw_settings(fields, settings, width, height)
     previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
     work = DrawWork(
