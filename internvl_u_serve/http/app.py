@@ -132,9 +132,7 @@ class OpenAIServer:
                 rest = result.text[len(sent):] if result.text.startswith(sent) else ""
                 final = protocol.chat_chunk(chunk_id, created, model, {"content": rest} if rest else {},
                                             protocol.finish_reason(result, chat.work.sampling["max_new_tokens"]))
-                if result.reasoning is not None:
-                    final["cot_output"] = result.reasoning.text
-                    final["reasoning"] = result.reasoning.to_dict()
+                final.update(protocol.reasoning_fields(result.reasoning))
                 yield _sse(final)
                 yield "data: [DONE]\n\n"
             finally:
@@ -216,9 +214,7 @@ class OpenAIServer:
                 except Exception as exc:  # noqa: BLE001 - reported in the stream
                     yield "event: error\n" + _sse(self.error_for(exc, IMAGES_FIELDS, "prompt").body())
                     return
-                extra = {}
-                if result.reasoning is not None:
-                    extra = {"cot_output": result.reasoning.text, "reasoning": result.reasoning.to_dict()}
+                extra = protocol.reasoning_fields(result.reasoning)
                 for i, image in enumerate(result.images):
                     data = await run_in_threadpool(protocol.encode, image, parsed.output_format, parsed.quality)
                     yield event("completed", {"index": i, "b64_json": protocol.b64(data),

@@ -466,27 +466,29 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
             "finish_reason": finish_reason(result, work.sampling["max_new_tokens"]),
         }]
         out["usage"] = usage(result.tokens)
-        if result.reasoning is not None:
-            out["cot_output"] = result.reasoning.text
-            out["reasoning"] = result.reasoning.to_dict()
-        return out
-    thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
-    out["choices"] = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": thought + [
-                {"type": "image_url", "image_url": {"url": data_uri(image)}}
-            ]},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }
-        for i, image in enumerate(result.images)
-    ]
-    out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
-    if result.reasoning is not None:
-        out["cot_output"] = result.reasoning.text
-        out["reasoning"] = result.reasoning.to_dict()
+    else:
+        thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
+        out["choices"] = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": thought + [
+                    {"type": "image_url", "image_url": {"url": data_uri(image)}}
+                ]},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i, image in enumerate(result.images)
+        ]
+        out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
+    out.update(reasoning_fields(result.reasoning))
     return out
+
+
+def reasoning_fields(reasoning: Reasoning | None) -> dict:
+    """vLLM-Omni's ``cot_output`` and our ``reasoning`` extension (to send back for drawing), if there was one."""
+    if reasoning is None:
+        return {}
+    return {"cot_output": reasoning.text, "reasoning": reasoning.to_dict()}
 
 
 def usage(completion_tokens: int) -> dict:
@@ -547,7 +549,5 @@ def images_response(result: DrawResult, request: ImagesRequest) -> dict:
         "output_format": request.output_format,
         "size": f"{first.width}x{first.height}",
     }
-    if result.reasoning is not None:
-        out["cot_output"] = result.reasoning.text
-        out["reasoning"] = result.reasoning.to_dict()
+    out.update(reasoning_fields(result.reasoning))
     return out
