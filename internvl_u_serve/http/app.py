@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -233,13 +234,7 @@ class OpenAIServer:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await _read_limited(request.stream(), limit)
 
     async def load_urls(self, urls: list[tuple[str, str]]):
         """``data:`` URIs (and http(s) URLs of hosts on ``--allow-image-host`` only) → images."""
@@ -271,15 +266,9 @@ class OpenAIServer:
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
                         raise bad_request(name, f"{name}: {url} answered HTTP {response.status_code}")
-                    chunks, total = [], 0
-                    async for chunk in response.aiter_bytes():
-                        total += len(chunk)
-                        if total > limit:
-                            raise _too_large(limit)
-                        chunks.append(chunk)
+                    return await _read_limited(response.aiter_bytes(), limit)
         except httpx.HTTPError as exc:
             raise bad_request(name, f"{name}: cannot fetch {url} ({exc})") from exc
-        return b"".join(chunks)
 
     def submit(self, work) -> Job:
         job = Job(work, asyncio.get_running_loop())
@@ -374,6 +363,17 @@ def _json(body: bytes):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(None, f"the request body is not valid JSON ({exc})") from exc
+
+
+async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """All of ``chunks``, refused with 413 as soon as they pass ``limit`` bytes."""
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _too_large(limit: int) -> APIError:
