@@ -278,7 +278,7 @@ class OpenAIServer:
             raise APIError(429, f"The server is busy ({self.engine.max_queue} requests are waiting); retry later.",
                            code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from exc
         except ShuttingDown as exc:
-            raise APIError(503, "The server is shutting down.", code="shutting_down") from exc
+            raise _shutting_down() from exc
         return job
 
     async def run(self, request: Request, work, names: dict[str, str], default_param: str):
@@ -298,7 +298,7 @@ class OpenAIServer:
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, ShuttingDown):
-            return APIError(503, "The server is shutting down.", code="shutting_down")
+            return _shutting_down()
         if isinstance(exc, GenerationCancelled):
             return APIError(503, "The job was cancelled (the client disconnected or the server is shutting down).",
                             code="cancelled")
@@ -379,6 +379,10 @@ async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request is larger than the {limit:,}-byte limit (--max-body-mb).",
                     code="request_too_large")
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", code="shutting_down")
 
 
 def _sse(payload: dict) -> str:
