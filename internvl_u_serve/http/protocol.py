@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from internvl_u_core import InternVLUError, Reasoning
+from internvl_u_core import InternVLUError, Reasoning, random_seed
 from internvl_u_core import validation as check
 from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 
@@ -188,7 +187,7 @@ def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, h
 def seed_of(fields: Fields, limits: check.Limits) -> int:
     """The request's seed, or a fresh random one (every draw job carries its own seed)."""
     seed = fields.integer("seed", 0, limits.max_seed)
-    return secrets.randbelow(2**63) if seed is None else seed
+    return random_seed() if seed is None else seed
 
 
 def think_settings(fields: Fields, settings: ServerSettings, reasoning: Reasoning | None) -> dict | None:
