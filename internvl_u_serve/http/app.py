@@ -55,12 +55,11 @@ class OpenAIServer:
     """Request handling around one :class:`Engine`."""
 
     def __init__(self, engine: Engine, settings: ServerSettings, *, api_key: str | None = None,
-                 max_body_bytes: int = 64 * 1024 * 1024, max_files: int = 16):
+                 max_body_bytes: int = 64 * 1024 * 1024):
         self.engine = engine
         self.settings = settings
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
-        self.max_files = max_files
         self.started = int(time.time())
 
     @property
@@ -157,8 +156,8 @@ class OpenAIServer:
         async def once():
             yield body
 
-        parser = MultiPartParser(request.headers, once(), max_files=self.max_files, max_fields=100,
-                                 max_part_size=self.max_body_bytes)
+        parser = MultiPartParser(request.headers, once(), max_files=self.settings.limits.max_images_per_prompt,
+                                 max_fields=100, max_part_size=self.max_body_bytes)
         try:
             form = await parser.parse()
         except MultiPartException as exc:
