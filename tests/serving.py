@@ -7,9 +7,11 @@ import io
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -120,6 +122,13 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose header claims ``width`` × ``height`` (a decompression bomb's signature)."""
+    raw = png_bytes(Image.new("RGB", (1, 1)))
+    chunk = b"IHDR" + struct.pack(">II", width, height) + raw[24:29]
+    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
 
 
 def data_uri(image: Image.Image) -> str:

@@ -29,6 +29,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult
 from PIL import Image
+from serving import free_port
 
 from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline
 from internvl_u_core.cli import main as cli_main
@@ -94,13 +95,8 @@ def text_of(result: CallToolResult) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Fixtures: one server process and one in-process pipeline for the module.
+# Fixtures: one server process for the module (the in-process pipeline is conftest's tiny_pipe).
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_pipeline() -> InternVLUPipeline:
-    return InternVLUPipeline.from_pretrained(CHECKPOINT, torch_dtype="float32", device="cpu")
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mcp")
@@ -128,10 +124,10 @@ def session(folders: dict[str, Path]) -> Iterator[Session]:
 # --------------------------------------------------------------------------------------------
 # Tools, schemas, annotations
 # --------------------------------------------------------------------------------------------
-def test_lists_four_tools_with_bounds_from_the_core_limits(session: Session, tiny_pipeline: InternVLUPipeline) -> None:
+def test_lists_four_tools_with_bounds_from_the_core_limits(session: Session, tiny_pipe: InternVLUPipeline) -> None:
     tools = session.tools()
     assert list(tools) == ["understand_image", "reason", "generate_image", "edit_image"]
-    limits = tiny_pipeline.limits
+    limits = tiny_pipe.limits
 
     generate = tools["generate_image"].input_schema["properties"]
     assert generate["width"]["anyOf"][0]["maximum"] == limits.max_side
@@ -159,14 +155,14 @@ def test_lists_four_tools_with_bounds_from_the_core_limits(session: Session, tin
 # Results equal the in-process pipeline's
 # --------------------------------------------------------------------------------------------
 def test_generate_returns_a_png_and_its_path_equal_to_in_process(
-    session: Session, tiny_pipeline: InternVLUPipeline
+    session: Session, tiny_pipe: InternVLUPipeline
 ) -> None:
     progress: list[tuple[float, float | None, str | None]] = []
     result = session.call("generate_image", progress, prompt="A red fox", seed=7, **FAST)
     assert not result.is_error, text_of(result)
     (returned,) = returned_images(result)
     (saved,) = result.structured_content["images"]
-    expected = tiny_pipeline.generate("A red fox", seed=7, **FAST)[0]
+    expected = tiny_pipe.generate("A red fox", seed=7, **FAST)[0]
     assert np.array_equal(pixels(returned), pixels(expected))
     assert np.array_equal(pixels(saved["path"]), pixels(expected))
     assert IMAGE_ID.fullmatch(saved["image_id"]) and Path(saved["path"]).name == f"{saved['image_id']}.png"
@@ -184,7 +180,7 @@ def test_a_random_seed_is_reported_and_reproduces(session: Session) -> None:
 
 
 def test_understand_by_path_and_by_id_equals_in_process(
-    session: Session, tiny_pipeline: InternVLUPipeline, folders: dict[str, Path]
+    session: Session, tiny_pipe: InternVLUPipeline, folders: dict[str, Path]
 ) -> None:
     fox = folders["inputs"] / "fox.png"
     for ref in ("fox.png", str(fox), "sub/../fox.png"):
@@ -193,36 +189,36 @@ def test_understand_by_path_and_by_id_equals_in_process(
                               max_new_tokens=8)
         assert not result.is_error, text_of(result)
         assert progress and all(message.startswith("answering ") for _, _, message in progress)
-        expected = tiny_pipeline.understand(Image.open(fox), "What animal is this?", max_new_tokens=8)
+        expected = tiny_pipe.understand(Image.open(fox), "What animal is this?", max_new_tokens=8)
         assert result.structured_content["answer"] == expected
         assert result.structured_content["input_images"][0]["path"] == str(fox.resolve())
 
     made = session.call("generate_image", prompt="A lake", seed=3, **FAST).structured_content["images"][0]
     by_id = session.call("understand_image", images=[made["image_id"]], question="Describe it.", max_new_tokens=6)
-    expected = tiny_pipeline.understand(Image.open(made["path"]), "Describe it.", max_new_tokens=6)
+    expected = tiny_pipe.understand(Image.open(made["path"]), "Describe it.", max_new_tokens=6)
     assert by_id.structured_content["answer"] == expected
     assert by_id.structured_content["input_images"][0]["image_id"] == made["image_id"]
 
 
 def test_reason_then_generate_with_the_reasoning_id_equals_in_process(
-    session: Session, tiny_pipeline: InternVLUPipeline
+    session: Session, tiny_pipe: InternVLUPipeline
 ) -> None:
     prompt = "A castle on a hill at dusk"
     reasoned = session.call("reason", prompt=prompt, max_new_tokens=12)
     assert not reasoned.is_error, text_of(reasoned)
     reasoning_id = reasoned.structured_content["reasoning_id"]
     assert f"reasoning_id='{reasoning_id}'" in text_of(reasoned)
-    expected_reasoning = tiny_pipeline.reason(prompt, max_new_tokens=12)
+    expected_reasoning = tiny_pipe.reason(prompt, max_new_tokens=12)
     assert reasoned.structured_content["text"] == expected_reasoning.text
 
     drawn = session.call("generate_image", prompt=prompt, reasoning_id=reasoning_id, seed=11, **FAST)
     assert drawn.structured_content["reasoning_id"] == reasoning_id
-    expected = tiny_pipeline.generate(prompt, reasoning=expected_reasoning, seed=11, **FAST)[0]
+    expected = tiny_pipe.generate(prompt, reasoning=expected_reasoning, seed=11, **FAST)[0]
     assert np.array_equal(pixels(returned_images(drawn)[0]), pixels(expected))
 
 
 def test_edit_with_a_reasoning_equals_in_process(
-    session: Session, tiny_pipeline: InternVLUPipeline, folders: dict[str, Path]
+    session: Session, tiny_pipe: InternVLUPipeline, folders: dict[str, Path]
 ) -> None:
     instruction = "Make the fox blue"
     reasoned = session.call("reason", prompt=instruction, images=["fox.png"], max_new_tokens=10)
@@ -233,8 +229,8 @@ def test_edit_with_a_reasoning_equals_in_process(
                           seed=5, steps=2, num_images=2)
     assert not edited.is_error, text_of(edited)
     fox = Image.open(folders["inputs"] / "fox.png")
-    reasoning = tiny_pipeline.reason(instruction, [fox], max_new_tokens=10)
-    expected = tiny_pipeline.edit([fox], instruction, reasoning=reasoning, seed=5, steps=2, num_images=2)
+    reasoning = tiny_pipe.reason(instruction, [fox], max_new_tokens=10)
+    expected = tiny_pipe.edit([fox], instruction, reasoning=reasoning, seed=5, steps=2, num_images=2)
     got = returned_images(edited)
     assert len(got) == 2 and all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(got, expected))
     assert got[0].size == fox.size  # the output keeps the input's size by default
@@ -307,7 +303,7 @@ def test_out_of_range_arguments_are_tool_errors(
 # One job at a time, cancellation
 # --------------------------------------------------------------------------------------------
 def test_parallel_calls_run_one_at_a_time_and_are_not_mixed_up(
-    session: Session, tiny_pipeline: InternVLUPipeline
+    session: Session, tiny_pipe: InternVLUPipeline
 ) -> None:
     seeds = (21, 22, 23)
     steps: list[tuple[int, str]] = []
@@ -329,7 +325,7 @@ def test_parallel_calls_run_one_at_a_time_and_are_not_mixed_up(
 
     results = session.portal.call(call_all)
     for seed in seeds:
-        expected = tiny_pipeline.generate(f"Tile number {seed}", seed=seed, width=64, height=64, steps=3)[0]
+        expected = tiny_pipe.generate(f"Tile number {seed}", seed=seed, width=64, height=64, steps=3)[0]
         assert np.array_equal(pixels(returned_images(results[seed])[0]), pixels(expected))
     order = [seed for seed, _ in steps]
     assert sorted(order) == sorted(seeds * 3)
@@ -371,14 +367,8 @@ def test_cancelling_a_call_stops_the_job_and_frees_the_model(session: Session, f
 # --------------------------------------------------------------------------------------------
 # Streamable HTTP
 # --------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_streamable_http_serves_the_same_tools(
-    folders: dict[str, Path], tiny_pipeline: InternVLUPipeline, tmp_path: Path
+    folders: dict[str, Path], tiny_pipe: InternVLUPipeline, tmp_path: Path
 ) -> None:
     port = free_port()
     with (tmp_path / "http.log").open("w") as log:
@@ -400,7 +390,7 @@ def test_streamable_http_serves_the_same_tools(
 
         names, result = anyio.run(generate)
         assert names == ["understand_image", "reason", "generate_image", "edit_image"]
-        expected = tiny_pipeline.generate("A kite", seed=2, **FAST)[0]
+        expected = tiny_pipe.generate("A kite", seed=2, **FAST)[0]
         assert np.array_equal(pixels(returned_images(result)[0]), pixels(expected))
     finally:
         process.terminate()
@@ -416,7 +406,7 @@ def _accepting(port: int) -> bool:
 # A served model: `internvl-u mcp --model http://…` in front of a real `internvl-u serve`
 # --------------------------------------------------------------------------------------------
 def test_a_served_model_gives_the_in_process_results(
-    folders: dict[str, Path], tiny_pipeline: InternVLUPipeline, tmp_path: Path, served: Any
+    folders: dict[str, Path], tiny_pipe: InternVLUPipeline, tmp_path: Path, served: Any
 ) -> None:
     command = ["-m", "internvl_u_core.cli", "mcp", "--model", served.url, "--output-dir", str(folders["outputs"]),
                "--allowed-dir", str(folders["inputs"])]
@@ -433,11 +423,11 @@ def test_a_served_model_gives_the_in_process_results(
         drawn = remote.call("generate_image", progress, prompt="A kite", seed=2, **FAST)
         answer = remote.call("understand_image", images=["fox.png"], question="What is it?", max_new_tokens=6)
     assert not drawn.is_error and not answer.is_error
-    expected = tiny_pipeline.generate("A kite", seed=2, **FAST)[0]
+    expected = tiny_pipe.generate("A kite", seed=2, **FAST)[0]
     assert np.array_equal(pixels(returned_images(drawn)[0]), pixels(expected))
     assert [message for *_, message in progress] == ["denoising 1/2", "denoising 2/2"]
     fox = Image.open(folders["inputs"] / "fox.png").convert("RGB")
-    assert tiny_pipeline.understand([fox], "What is it?", max_new_tokens=6) in text_of(answer)
+    assert tiny_pipe.understand([fox], "What is it?", max_new_tokens=6) in text_of(answer)
 
 
 def test_loading_options_do_not_go_with_a_served_model(capsys: pytest.CaptureFixture[str]) -> None:

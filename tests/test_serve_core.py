@@ -3,19 +3,14 @@ encoded-bytes images and Reasoning (de)serialisation, in-process on the tiny che
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving import FOX, png_claiming
 
 from internvl_u_core import GenerationCancelled, InvalidInputError, InvalidInputTypeError, Reasoning
 from internvl_u_core import validation as check
-
-FOX = "tests/fixtures/internvlu-tiny/inputs/img_fox_80x60.png"
 
 
 def same(a, b) -> bool:
@@ -104,22 +99,14 @@ def test_renormalisation_follows_timestep_trunc():
     assert torch.equal(guided(999, renorm_above=999), plain)  # not above its own timestep
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
-    raw = buffer.getvalue()
-    chunk = b"IHDR" + struct.pack(">II", width, height) + raw[24:29]
-    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
-
-
 def test_images_as_encoded_bytes(tiny_pipe):
     data = open(FOX, "rb").read()
     assert np.array_equal(np.asarray(check.load_image(data, "image")), np.asarray(check.load_image(FOX, "image")))
     assert tiny_pipe.understand(data, "What?", max_new_tokens=4) == tiny_pipe.understand(FOX, "What?", max_new_tokens=4)
     with pytest.raises(InvalidInputError, match="is 100×100 pixels, more than the 1,000 allowed"):
-        check.load_image(_png_claiming(100, 100), "image", check.Limits(max_input_file_pixels=1000))
+        check.load_image(png_claiming(100, 100), "image", check.Limits(max_input_file_pixels=1000))
     with pytest.raises(InvalidInputError, match="too large to open safely"):  # Pillow's own bomb guard
-        check.load_image(_png_claiming(30000, 30000), "image")
+        check.load_image(png_claiming(30000, 30000), "image")
     with pytest.raises(InvalidInputError, match="cannot read"):
         check.load_image(b"not an image", "image")
 

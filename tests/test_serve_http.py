@@ -9,11 +9,9 @@ import base64
 import contextlib
 import json
 import socket
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serving import MODEL, ServerProcess, data_uri, fox, pixels, pixels_b64, png_bytes
+from serving import MODEL, ServerProcess, data_uri, fox, pixels, pixels_b64, png_bytes, png_claiming
 
 KEY = "test-key"
 
@@ -372,14 +370,6 @@ def test_bodies_over_the_limit_get_413(http):
     assert upload.status_code == 413
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid tiny PNG whose header claims ``width`` × ``height`` (a decompression bomb's signature)."""
-    raw = png_bytes(Image.new("RGB", (1, 1)))
-    ihdr = struct.pack(">II", width, height) + raw[24:29]
-    chunk = b"IHDR" + ihdr
-    return raw[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
-
-
 def _chat(content, **extra):
     return ("/v1/chat/completions", {"messages": [{"role": "user", "content": content}], **extra})
 
@@ -392,7 +382,7 @@ def _image_part(url):
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]
 
 
-BOMB = "data:image/png;base64," + base64.b64encode(_png_claiming(30000, 30000)).decode()
+BOMB = "data:image/png;base64," + base64.b64encode(png_claiming(30000, 30000)).decode()
 BAD_JSON = [
     pytest.param(("/v1/chat/completions", {}), "messages", id="no-messages"),
     pytest.param(("/v1/chat/completions", {"messages": "hi"}), "messages", id="messages-not-list"),
@@ -456,7 +446,7 @@ def test_bad_json_requests_get_400_naming_the_field(http, request_, param):
 @pytest.mark.parametrize(("data", "files", "param"), [
     pytest.param({"prompt": "p"}, [], "image", id="no-image"),
     pytest.param({"prompt": "p"}, [("image", ("a.png", b"garbage", "image/png"))], "image", id="undecodable"),
-    pytest.param({"prompt": "p"}, [("image", ("a.png", _png_claiming(30000, 30000), "image/png"))], "image",
+    pytest.param({"prompt": "p"}, [("image", ("a.png", png_claiming(30000, 30000), "image/png"))], "image",
                  id="decompression-bomb"),
     pytest.param({}, [("image", ("a.png", png_bytes(Image.new("RGB", (8, 8))), "image/png"))], "prompt", id="no-prompt"),
     pytest.param({"prompt": "p", "seed": "abc"}, [("image", ("a.png", png_bytes(Image.new("RGB", (8, 8)))))], "seed",

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import uvicorn
@@ -54,12 +55,11 @@ class OpenAIServer:
     """Request handling around one :class:`Engine`."""
 
     def __init__(self, engine: Engine, settings: ServerSettings, *, api_key: str | None = None,
-                 max_body_bytes: int = 64 * 1024 * 1024, max_files: int = 16):
+                 max_body_bytes: int = 64 * 1024 * 1024):
         self.engine = engine
         self.settings = settings
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
-        self.max_files = max_files
         self.started = int(time.time())
 
     @property
@@ -132,9 +132,7 @@ class OpenAIServer:
                 rest = result.text[len(sent):] if result.text.startswith(sent) else ""
                 final = protocol.chat_chunk(chunk_id, created, model, {"content": rest} if rest else {},
                                             protocol.finish_reason(result, chat.work.sampling["max_new_tokens"]))
-                if result.reasoning is not None:
-                    final["cot_output"] = result.reasoning.text
-                    final["reasoning"] = result.reasoning.to_dict()
+                final.update(protocol.reasoning_fields(result.reasoning))
                 yield _sse(final)
                 yield "data: [DONE]\n\n"
             finally:
@@ -158,8 +156,8 @@ class OpenAIServer:
         async def once():
             yield body
 
-        parser = MultiPartParser(request.headers, once(), max_files=self.max_files, max_fields=100,
-                                 max_part_size=self.max_body_bytes)
+        parser = MultiPartParser(request.headers, once(), max_files=self.settings.limits.max_images_per_prompt,
+                                 max_fields=100, max_part_size=self.max_body_bytes)
         try:
             form = await parser.parse()
         except MultiPartException as exc:
@@ -216,9 +214,7 @@ class OpenAIServer:
                 except Exception as exc:  # noqa: BLE001 - reported in the stream
                     yield "event: error\n" + _sse(self.error_for(exc, IMAGES_FIELDS, "prompt").body())
                     return
-                extra = {}
-                if result.reasoning is not None:
-                    extra = {"cot_output": result.reasoning.text, "reasoning": result.reasoning.to_dict()}
+                extra = protocol.reasoning_fields(result.reasoning)
                 for i, image in enumerate(result.images):
                     data = await run_in_threadpool(protocol.encode, image, parsed.output_format, parsed.quality)
                     yield event("completed", {"index": i, "b64_json": protocol.b64(data),
@@ -237,13 +233,7 @@ class OpenAIServer:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await _read_limited(request.stream(), limit)
 
     async def load_urls(self, urls: list[tuple[str, str]]):
         """``data:`` URIs (and http(s) URLs of hosts on ``--allow-image-host`` only) → images."""
@@ -275,15 +265,9 @@ class OpenAIServer:
                 async with client.stream("GET", url) as response:
                     if response.status_code != 200:
                         raise bad_request(name, f"{name}: {url} answered HTTP {response.status_code}")
-                    chunks, total = [], 0
-                    async for chunk in response.aiter_bytes():
-                        total += len(chunk)
-                        if total > limit:
-                            raise _too_large(limit)
-                        chunks.append(chunk)
+                    return await _read_limited(response.aiter_bytes(), limit)
         except httpx.HTTPError as exc:
             raise bad_request(name, f"{name}: cannot fetch {url} ({exc})") from exc
-        return b"".join(chunks)
 
     def submit(self, work) -> Job:
         job = Job(work, asyncio.get_running_loop())
@@ -293,7 +277,7 @@ class OpenAIServer:
             raise APIError(429, f"The server is busy ({self.engine.max_queue} requests are waiting); retry later.",
                            code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from exc
         except ShuttingDown as exc:
-            raise APIError(503, "The server is shutting down.", code="shutting_down") from exc
+            raise _shutting_down() from exc
         return job
 
     async def run(self, request: Request, work, names: dict[str, str], default_param: str):
@@ -313,7 +297,7 @@ class OpenAIServer:
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, ShuttingDown):
-            return APIError(503, "The server is shutting down.", code="shutting_down")
+            return _shutting_down()
         if isinstance(exc, GenerationCancelled):
             return APIError(503, "The job was cancelled (the client disconnected or the server is shutting down).",
                             code="cancelled")
@@ -380,9 +364,24 @@ def _json(body: bytes):
         raise bad_request(None, f"the request body is not valid JSON ({exc})") from exc
 
 
+async def _read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """All of ``chunks``, refused with 413 as soon as they pass ``limit`` bytes."""
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"The request is larger than the {limit:,}-byte limit (--max-body-mb).",
                     code="request_too_large")
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down.", code="shutting_down")
 
 
 def _sse(payload: dict) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Mapping
@@ -21,15 +20,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from internvl_u_core import InternVLUError, Reasoning
+from internvl_u_core import InternVLUError, Reasoning, random_seed
 from internvl_u_core import validation as check
 from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 
 from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
-
-MAX_N = 64  # images per request (the pipeline's own bound on num_images)
-_ERROR_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-                429: "rate_limit_error", 503: "server_error", 500: "server_error"}
 
 
 class APIError(Exception):
@@ -45,7 +40,10 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        kind = _ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        if self.status == 429:
+            kind = "rate_limit_error"
+        else:
+            kind = "invalid_request_error" if self.status < 500 else "server_error"
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -189,7 +187,7 @@ def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, h
 def seed_of(fields: Fields, limits: check.Limits) -> int:
     """The request's seed, or a fresh random one (every draw job carries its own seed)."""
     seed = fields.integer("seed", 0, limits.max_seed)
-    return secrets.randbelow(2**63) if seed is None else seed
+    return random_seed() if seed is None else seed
 
 
 def think_settings(fields: Fields, settings: ServerSettings, reasoning: Reasoning | None) -> dict | None:
@@ -341,7 +339,7 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
     if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "image"}:
         raise bad_request("modalities", f"modalities must be ['text'] or ['image'], got {modalities!r}")
     stream = bool(fields.boolean("stream", default=False))
-    n = fields.integer("n", 1, MAX_N, default=1)
+    n = fields.integer("n", 1, limits.max_output_images, default=1)
     if "image" in modalities:
         if stream:
             raise bad_request("stream", "stream: streaming is available for text answers only")
@@ -380,7 +378,7 @@ def _sampling(fields: Fields, limits: check.Limits) -> dict:
     if top_p is not None:
         out["top_p"] = top_p
     out["min_new_tokens"] = fields.integer("min_tokens", 0, limits.max_new_tokens, default=0)
-    out["num_beams"] = fields.integer("num_beams", 1, 16, default=1)
+    out["num_beams"] = fields.integer("num_beams", 1, limits.max_num_beams, default=1)
     return out
 
 
@@ -467,27 +465,29 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
             "finish_reason": finish_reason(result, work.sampling["max_new_tokens"]),
         }]
         out["usage"] = usage(result.tokens)
-        if result.reasoning is not None:
-            out["cot_output"] = result.reasoning.text
-            out["reasoning"] = result.reasoning.to_dict()
-        return out
-    thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
-    out["choices"] = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": thought + [
-                {"type": "image_url", "image_url": {"url": data_uri(image)}}
-            ]},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }
-        for i, image in enumerate(result.images)
-    ]
-    out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
-    if result.reasoning is not None:
-        out["cot_output"] = result.reasoning.text
-        out["reasoning"] = result.reasoning.to_dict()
+    else:
+        thought = [{"type": "text", "text": result.reasoning.text}] if result.reasoning is not None else []
+        out["choices"] = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": thought + [
+                    {"type": "image_url", "image_url": {"url": data_uri(image)}}
+                ]},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i, image in enumerate(result.images)
+        ]
+        out["usage"] = usage(len(result.reasoning.token_ids) if result.reasoning is not None else 0)
+    out.update(reasoning_fields(result.reasoning))
     return out
+
+
+def reasoning_fields(reasoning: Reasoning | None) -> dict:
+    """vLLM-Omni's ``cot_output`` and our ``reasoning`` extension (to send back for drawing), if there was one."""
+    if reasoning is None:
+        return {}
+    return {"cot_output": reasoning.text, "reasoning": reasoning.to_dict()}
 
 
 def usage(completion_tokens: int) -> dict:
@@ -524,13 +524,12 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
     fmt, quality = output_format(fields)
     limits = settings.limits
     prompt = fields.string("prompt", required=True, limits=limits)
-    n = fields.integer("n", 1, MAX_N, default=1)
+    n = fields.integer("n", 1, limits.max_output_images, default=1)
     width, height = size_of(fields, settings)
     reasoning = parse_reasoning(fields)
     stream = bool(fields.boolean("stream", default=False))
-    system_prompt = fields.string("system_prompt", limits=limits)
     with field_named("system_prompt"):
-        system_prompt = check.system_prompt(system_prompt, limits)
+        system_prompt = check.system_prompt(fields.raw("system_prompt"), limits)
     steps_field = draw_settings(fields, settings, width, height)
     previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
     work = DrawWork(
@@ -549,7 +548,5 @@ def images_response(result: DrawResult, request: ImagesRequest) -> dict:
         "output_format": request.output_format,
         "size": f"{first.width}x{first.height}",
     }
-    if result.reasoning is not None:
-        out["cot_output"] = result.reasoning.text
-        out["reasoning"] = result.reasoning.to_dict()
+    out.update(reasoning_fields(result.reasoning))
     return out

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, random_seed
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
+from internvl_u_core.limits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
 from internvl_u_serve.mcp.jobs import JobRunner, StepReporter
 
@@ -284,12 +285,25 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
     def side(description: str) -> Any:
         return Annotated[int | None, Field(ge=limits.min_side, le=limits.max_side, description=description)]
 
+    def guidance_scale(what: str, index: int) -> Any:
+        """`all_cfg_scale` (index 0) or `part_cfg_scale` (1), described with the model's defaults."""
+        plain, reasoned = DEFAULT_GUIDANCE["image"][index], DEFAULT_GUIDANCE["text_image"][index]
+        return Annotated[
+            float | None,
+            Field(
+                ge=0.0,
+                le=limits.max_guidance_scale,
+                allow_inf_nan=False,
+                description=f"How closely to {what}; omit for the model default ({plain}, {reasoned} with reasoning).",
+            ),
+        ]
+
     steps = Annotated[
         int | None,
         Field(
             ge=1,
             le=limits.max_steps,
-            description="Denoising steps (default 20): more is slower and usually more detailed.",
+            description=f"Denoising steps (default {DEFAULT_STEPS}): more is slower and usually more detailed.",
         ),
     ]
     seed = Annotated[
@@ -300,24 +314,8 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         int | None,
         Field(ge=1, le=limits.max_output_images, description="How many variants to make (default 1)."),
     ]
-    guidance = Annotated[
-        float | None,
-        Field(
-            ge=0.0,
-            le=limits.max_guidance_scale,
-            allow_inf_nan=False,
-            description="How closely to follow the text; omit for the model default (4.5, 3.5 with reasoning).",
-        ),
-    ]
-    image_guidance = Annotated[
-        float | None,
-        Field(
-            ge=0.0,
-            le=limits.max_guidance_scale,
-            allow_inf_nan=False,
-            description="How closely to keep the input image(s); omit for the model default (2.0, 1.5 with reasoning).",
-        ),
-    ]
+    guidance = guidance_scale("follow the text", 0)
+    image_guidance = guidance_scale("keep the input image(s)", 1)
     reasoning_id = Annotated[
         str | None,
         Field(description="A reasoning_id returned by reason for this same request, to follow that plan."),
