@@ -10,6 +10,7 @@ ids, atomically, so a crash never leaves a half-written image behind. Every refu
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -222,6 +223,18 @@ class ImageStore:
             ) from error
         except (OSError, SyntaxError) as error:
             raise InvalidInputError(f"'{ref}' could not be decoded: {error}.") from error
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """``image`` encoded as a PNG file in memory (how adapters send pictures over a wire)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Image.Image) -> str:
+    """``image`` as a ``data:image/png;base64,…`` URI (OpenAI's and vLLM-Omni's inline images)."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def _new_image_id() -> str:

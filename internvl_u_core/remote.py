@@ -22,6 +22,7 @@ from PIL import Image
 
 from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
+from .files import png_bytes, png_data_uri
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, Limits
 from .pipeline import Reasoning, check_reasoning
 from .sampling import StepCallback
@@ -232,7 +233,7 @@ class RemoteInternVLU:
                                    timestep_trunc, flow_shift, seed, generator, num_images, reasoning, system_prompt,
                                    callback)
         form = {name: _form_value(value) for name, value in fields.items()}
-        files = [("image", (f"image{i}.png", _png(picture), "image/png")) for i, picture in enumerate(pictures)]
+        files = [("image", (f"image{i}.png", png_bytes(picture), "image/png")) for i, picture in enumerate(pictures)]
         return self._images("/v1/images/edits", callback, form=form, files=files)
 
     def decode_latents_preview(self, preview) -> Image.Image:
@@ -248,7 +249,7 @@ class RemoteInternVLU:
         pictures = check.image_list(images, "images", allow_empty=True, limits=self.limits)
         sampling = check.text_kwargs(sampling, default_max_new_tokens=None, limits=self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
-        content = [{"type": "image_url", "image_url": {"url": _data_uri(p)}} for p in pictures]
+        content = [{"type": "image_url", "image_url": {"url": png_data_uri(p)}} for p in pictures]
         content.append({"type": "text", "text": text})
         messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
         messages.append({"role": "user", "content": content})
@@ -414,16 +415,6 @@ def _form_value(value) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(image)).decode("ascii")
 
 
 def _image(b64: str) -> Image.Image:

@@ -10,7 +10,6 @@ stopped at its next step (a batch stops when all of its jobs are cancelled).
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import math
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from internvl_u_core import GenerationCancelled, Reasoning
+from internvl_u_core.files import png_bytes
 
 logger = logging.getLogger("internvl_u_serve.http")
 
@@ -357,10 +357,3 @@ def preview_steps(total: int, count: int) -> set[int]:
     """``count`` steps spread evenly over ``1 … total``, the last one included."""
     count = min(count, total)
     return {math.ceil(total * (i + 1) / count) for i in range(count)}
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-

@@ -22,9 +22,10 @@ from PIL import Image
 
 from internvl_u_core import InternVLUError, Reasoning, random_seed
 from internvl_u_core import validation as check
+from internvl_u_core.files import png_bytes, png_data_uri
 from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 
-from .engine import DrawResult, DrawWork, TextResult, TextWork, png_bytes
+from .engine import DrawResult, DrawWork, TextResult, TextWork
 
 
 class APIError(Exception):
@@ -309,10 +310,6 @@ def decode_image(data: bytes, name: str, limits: check.Limits) -> Image.Image:
         return check.load_image(data, name, limits)
 
 
-def data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + b64(png_bytes(image))
-
-
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -471,7 +468,7 @@ def chat_response(request: ChatRequest, result: TextResult | DrawResult, model: 
             {
                 "index": i,
                 "message": {"role": "assistant", "content": thought + [
-                    {"type": "image_url", "image_url": {"url": data_uri(image)}}
+                    {"type": "image_url", "image_url": {"url": png_data_uri(image)}}
                 ]},
                 "logprobs": None,
                 "finish_reason": "stop",
