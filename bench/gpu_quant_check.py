@@ -116,7 +116,7 @@ def child(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Parent
 # ----------------------------------------------------------------------------------------------
-def runnable(name: str, options: dict, device: str) -> str | None:
+def runnable(options: dict, device: str) -> str | None:
     """Why this variant cannot run here (checked by the core, before loading), or None."""
     from internvl_u_core import InternVLUError
     from internvl_u_core.pipeline import check_load_options
@@ -149,7 +149,7 @@ def run_ladder(device: str, ckpt: Path, out: Path, threads: int, site: str | Non
     paths = [str(Path(site).resolve())] if site else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(REPO)])}
     for name, options in variants.items():
-        reason = runnable(name, options, device)
+        reason = runnable(options, device)
         if reason:
             log(f"[ladder] {name} skipped: {reason}")
             ladder["variants"][name] = {"skipped": reason}

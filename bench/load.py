@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from checkpoint import REPO, ensure_checkpoint  # noqa: E402
+from worker import _gib, current_rss_bytes  # noqa: E402
 
 RESULTS = BENCH / "results"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -70,7 +71,7 @@ def child(args) -> None:
     pipe = InternVLUPipeline.from_pretrained(args.ckpt, torch_dtype=args.dtype, device=args.device)
     _sync(torch, args.device)
     result["load_s" if args.child == "warm" else "cold_load_s"] = time.perf_counter() - t0
-    result["rss_after_load_gib"] = _rss_gib()
+    result["rss_after_load_gib"] = _gib(current_rss_bytes())
     if args.child == "cold" and args.images:
         for key in ("first_image_s", "second_image_s"):
             t0 = time.perf_counter()
@@ -87,16 +88,6 @@ def child(args) -> None:
 def _sync(torch, device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _rss_gib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 2**20, 3)
-    except OSError:
-        pass
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,11 +129,9 @@ def _variants(revs: list[str]) -> list[dict]:
 
 
 def _run_child(args, variant: dict, dtype: str, ckpt: Path, kind: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([variant["code"]] + [p for p in [env.get("PYTHONPATH")] if p])
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[key] = str(args.threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from run import child_env
+
+    env = child_env(variant["code"], args.threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--ckpt", str(ckpt), "--dtype", dtype,
            "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
     if not args.images:

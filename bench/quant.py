@@ -30,7 +30,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from checkpoint import REPO, ensure_checkpoint, read_layers  # noqa: E402
+import report  # noqa: E402
+from checkpoint import RELEASED_LAYERS, REPO, ensure_checkpoint, read_layers  # noqa: E402
 from worker import INSTRUCTION, PROMPT, test_image  # noqa: E402
 
 RESULTS = BENCH / "results"
@@ -295,10 +296,9 @@ def timing_summary(doc: dict, modes: list[str]) -> dict:
             entry["runs"] = len(slot.get("runs", []))
             if name != "default":
                 for metric in ("total_s", "decode_tok_s"):
-                    pairs = [b[metric] / a[metric] for a, b in zip(base.get(job, {}).get("runs", []), slot.get("runs", []))
-                             if a.get(metric) and b.get(metric)]
-                    if pairs:
-                        entry[f"paired_{metric}_ratio"] = round(statistics.median(pairs), 3)
+                    ratio = report.paired_ratio(base.get(job, {}).get("runs", []), slot.get("runs", []), metric)
+                    if ratio is not None:
+                        entry[f"paired_{metric}_ratio"] = round(ratio, 3)
             per_job[job] = entry
         out["float32" if name == "default" else name] = per_job
     return out
@@ -346,8 +346,6 @@ def markdown(doc: dict) -> str:
 def released_params(bench_params: dict, bench_layers: dict) -> dict:
     """Parameter counts per group of the released model: the bench checkpoint has its widths, so only
     the layer groups change, in proportion to the layer counts."""
-    from checkpoint import RELEASED_LAYERS
-
     return {name: count * RELEASED_LAYERS[SCALED[name]] // bench_layers[SCALED[name]] if name in SCALED else count
             for name, count in bench_params.items()}
 
@@ -375,13 +373,12 @@ def gpu_bytes_per_param(doc: dict) -> dict:
 def memory_rows(doc: dict, activation_gib: float) -> list[dict]:
     """GPU memory per mode and offload rung for the released model at 1024² (GiB)."""
     params = doc["released_params"]
-    layers = {"vit_layers": 24, "llm_layers": 28, "dit_blocks": 20}
     rows = []
     for mode, per_param in gpu_bytes_per_param(doc).items():
         gib = {g: params[g] * per_param[g] / 2**30 for g in GROUPS}
         vlm = gib["vit_layers"] + gib["llm_embedding"] + gib["llm_head"] + gib["llm_layers"] + gib["other"]
         decoder = gib["dit_blocks"] + gib["other"]
-        block = max(gib[g] / n for g, n in layers.items())
+        block = max(gib[g] / RELEASED_LAYERS[SCALED[g]] for g in SCALED)
         weights = sum(gib.values())
         # Bytes a step of the DiT moves over PCIe when its blocks stream (group, sequential).
         dit_move_s = gib["dit_blocks"] * 2**30 / 1e9 / PCIE_GB_S

@@ -226,6 +226,19 @@ def compare_case(ours: dict, ref: dict) -> dict:
     return row
 
 
+def recorded_dit_inputs(record: dict) -> dict:
+    """The first DiT call's keyword arguments from a recording (``dit_in.NAME``, lists as ``dit_in.NAME.i``)."""
+    inputs = {}
+    for name in DIT_INPUTS:
+        key = f"dit_in.{name}"
+        items = sorted((k for k in record if k.startswith(key + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        if key in record:
+            inputs[name] = record[key]
+        elif items:
+            inputs[name] = [record[k] for k in items]
+    return inputs
+
+
 def stage_check(ref: dict, fixture: Path, dtype_name: str) -> dict:
     """Our DiT and VAE decode on the reference's recorded inputs, against the reference's outputs."""
     import torch
@@ -239,14 +252,7 @@ def stage_check(ref: dict, fixture: Path, dtype_name: str) -> dict:
     root = fixture / "checkpoint"
     row: dict = {}
     if "dit_out" in ref:
-        inputs = {}
-        for name in DIT_INPUTS:
-            key = f"dit_in.{name}"
-            items = sorted((k for k in ref if k.startswith(key + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-            if key in ref:
-                inputs[name] = ref[key]
-            elif items:
-                inputs[name] = [ref[k] for k in items]
+        inputs = recorded_dit_inputs(ref)
         decoder = load_generation_decoder(component_folder(root, "generation_decoder"), dtype, torch.device("cpu"))
         with torch.no_grad():
             out = decoder.decoder(**inputs)

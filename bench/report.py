@@ -103,20 +103,23 @@ def ratios(results: dict, variants: list[str]) -> dict:
     return out
 
 
+def paired_ratio(a_runs: list[dict], b_runs: list[dict], metric: str = "total_s") -> float | None:
+    """Median over rounds of run_i(B) / run_i(A) of ``metric`` (interleaved runs pair up); None without a pair."""
+    pairs = [b[metric] / a[metric] for a, b in zip(a_runs, b_runs) if a.get(metric) and b.get(metric)]
+    return statistics.median(pairs) if pairs else None
+
+
 def paired_ratios(results: dict, variants: list[str]) -> dict:
-    """Median over rounds of run_i(B) / run_i(A) for each job's total time (interleaved runs pair up)."""
+    """:func:`paired_ratio` of each job's total time, every variant against the first."""
     out: dict = {}
     if len(variants) < 2:
         return out
     for other in variants[1:]:
         table = {}
         for job, data in results.get(other, {}).items():
-            a_runs = results.get(variants[0], {}).get(job, {}).get("runs", [])
-            b_runs = data.get("runs", [])
-            pairs = [b["total_s"] / a["total_s"] for a, b in zip(a_runs, b_runs)
-                     if a.get("total_s") and b.get("total_s")]
-            if pairs:
-                table[job] = round(statistics.median(pairs), 4)
+            ratio = paired_ratio(results.get(variants[0], {}).get(job, {}).get("runs", []), data.get("runs", []))
+            if ratio is not None:
+                table[job] = round(ratio, 4)
         out[f"{other}/{variants[0]}"] = table
     return out
 

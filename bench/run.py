@@ -261,6 +261,16 @@ class WorkerError(Exception):
     pass
 
 
+def child_env(code: str, threads: int) -> dict:
+    """This environment for a measured process: ``code`` first on PYTHONPATH, ``threads`` for OpenMP/MKL."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([code] + [p for p in [env.get("PYTHONPATH")] if p])
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[key] = str(threads)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
 class Worker:
     """One job process for one variant; speaks the line protocol of ``worker.py``."""
 
@@ -270,11 +280,7 @@ class Worker:
                "--dtype", args.dtype, "--warmup", str(args.warmup), "--max-new-tokens", str(args.max_new_tokens)]
         if ckpt is not None:
             cmd += ["--ckpt", str(ckpt)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([variant.code] + [p for p in [env.get("PYTHONPATH")] if p])
-        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[key] = str(args.threads)
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = child_env(variant.code, args.threads)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "a")

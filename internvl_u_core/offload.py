@@ -83,9 +83,9 @@ class Offloader:
         hooked = {id(m) for m in self.hooked}
         for module in components.values():
             if module is not running:
-                _move_except(module, hooked, _CPU)
+                move_except(module, hooked, _CPU)
         if running is not None:
-            _move_except(running, hooked, self.device)
+            move_except(running, hooked, self.device)
         return self.device
 
     def remove(self) -> None:
@@ -163,15 +163,15 @@ def _hook(owner: nn.Module, device: torch.device, offload_type: str, keep: Itera
     return [child for name, child in owner.named_children() if name not in kept]
 
 
-def _move_except(module: nn.Module, hooked: set[int], device: torch.device) -> None:
-    """``module.to(device)`` for everything outside the hooked modules."""
+def move_except(module: nn.Module, hooked: set[int], device: torch.device) -> None:
+    """``module.to(device)`` for everything outside the modules whose ids are in ``hooked`` (left where they are)."""
     if id(module) in hooked:
         return
     if not any(id(sub) in hooked for sub in module.modules()):
         module.to(device)
         return
     for child in module.children():
-        _move_except(child, hooked, device)
+        move_except(child, hooked, device)
     for param in module._parameters.values():
         if param is not None and param.device != device:
             param.data = param.data.to(device)

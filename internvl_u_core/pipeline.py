@@ -117,13 +117,25 @@ class Reasoning:
         ids, images, system = data.get("token_ids"), data.get("num_images", 0), data.get("system_prompt")
         if not isinstance(data.get("text"), str) or not isinstance(data.get("prompt", ""), str):
             raise InvalidInputTypeError(f"{name}.text and {name}.prompt must be strings")
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise InvalidInputTypeError(f"{name}.token_ids must be a list of integer token ids")
+        ids = check.token_ids(ids, f"{name}.token_ids")
         if isinstance(images, bool) or not isinstance(images, int) or images < 0:
             raise InvalidInputError(f"{name}.num_images must be a non-negative integer, got {images!r}")
         if system is not None and not isinstance(system, str):
             raise InvalidInputTypeError(f"{name}.system_prompt must be a string or null")
-        return cls(data["text"], tuple(ids), data.get("prompt", ""), images, system)
+        return cls(data["text"], ids, data.get("prompt", ""), images, system)
+
+
+def check_reasoning(reasoning, num_images: int, name: str = "reasoning") -> None:
+    """A ``reasoning`` argument is None or a :class:`Reasoning` made for as many input images as the call has."""
+    if reasoning is None:
+        return
+    if not isinstance(reasoning, Reasoning):
+        raise InvalidInputError(f"{name} must be a Reasoning from reason(...), got {type(reasoning).__name__}")
+    if reasoning.num_images != num_images:
+        raise InvalidInputError(
+            f"{name} was made for {reasoning.num_images} input image(s) but {num_images} were given; "
+            "call reason() with the same images"
+        )
 
 
 @dataclass(frozen=True)
@@ -429,7 +441,7 @@ class InternVLUPipeline:
         question: str,
         *,
         batch_size: int = 8,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
         min_new_tokens: int = 0,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -448,17 +460,14 @@ class InternVLUPipeline:
         batch; returning ``False`` stops the run with ``GenerationCancelled``.
         """
         question = check.text(question, "question", self.limits)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise InvalidInputError("images: at least one image is needed")
-        pictures = [check.load_image(item, f"images[{i}]", self.limits) for i, item in enumerate(items)]
+        pictures = check.image_each(images, "images", self.limits)
         batch_size = check.integer(batch_size, "batch_size", 1, self.limits.max_images_per_prompt)
         kwargs = check.text_kwargs(
             dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                  temperature=temperature, top_p=top_p, num_beams=num_beams),
             default_max_new_tokens=None, limits=self.limits,
         )
-        seed = check.optional_seed(seed)
+        seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         by_size: dict[tuple[int, int], list[int]] = {}
         for index, picture in enumerate(pictures):
@@ -601,7 +610,6 @@ class InternVLUPipeline:
             )
             return out.logits[0, -1].float().cpu()
 
-
     def generate_batch(
         self,
         prompts: list[str],
@@ -738,15 +746,10 @@ class InternVLUPipeline:
         return width, height
 
     def _check_reasoning(self, reasoning, pictures, name: str) -> None:
+        """:func:`check_reasoning`, and its token ids must be in this model's vocabulary."""
+        check_reasoning(reasoning, len(pictures), name)
         if reasoning is None:
             return
-        if not isinstance(reasoning, Reasoning):
-            raise InvalidInputError(f"{name} must be a Reasoning from pipe.reason(...), got {type(reasoning).__name__}")
-        if reasoning.num_images != len(pictures):
-            raise InvalidInputError(
-                f"{name} was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
-                "call reason() with the same images"
-            )
         vocabulary = self.vlm.language_model.get_input_embeddings().num_embeddings
         check.token_ids(reasoning.token_ids, f"{name}.token_ids", vocabulary)
 

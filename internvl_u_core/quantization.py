@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError, InvalidInputTypeError
+from .offload import move_except
 from .validation import API_NAMES, ArgumentNames, _no_cuda
 
 #: The quantisation modes, in the order the surfaces list them (None = full precision).
@@ -185,7 +186,7 @@ def quantize_language_model(vlm: nn.Module, plan: QuantizationPlan) -> None:
         dynamic_int8(vlm.language_model)
     elif plan.uses_library_quantizer:
         vlm.language_model = _transformers_quantized(vlm.language_model, plan)
-        _place_others(vlm, vlm.language_model, plan.device)
+        move_except(vlm, {id(vlm.language_model)}, plan.device)
 
 
 def quantize_generation_decoder(decoder: nn.Module, plan: QuantizationPlan) -> None:
@@ -197,17 +198,7 @@ def quantize_generation_decoder(decoder: nn.Module, plan: QuantizationPlan) -> N
         dynamic_int8(decoder.decoder.transformer_blocks)
     elif plan.uses_library_quantizer:
         decoder.decoder = _diffusers_quantized(decoder.decoder, plan)
-        _place_others(decoder, decoder.decoder, plan.device)
-
-
-def _place_others(parent: nn.Module, skip: nn.Module, device: torch.device) -> None:
-    """Move every child and direct parameter of ``parent`` except ``skip`` to ``device``."""
-    for child in parent.children():
-        if child is not skip:
-            child.to(device)
-    for name, param in list(parent._parameters.items()):
-        if param is not None and param.device != device:
-            parent._parameters[name] = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
+        move_except(decoder, {id(decoder.decoder)}, plan.device)
 
 
 def dynamic_int8(module: nn.Module) -> None:

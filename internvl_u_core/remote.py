@@ -23,7 +23,7 @@ from PIL import Image
 from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, Limits
-from .pipeline import Reasoning
+from .pipeline import Reasoning, check_reasoning
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 
@@ -146,10 +146,7 @@ class RemoteInternVLU:
         run with ``GenerationCancelled``.
         """
         question = check.text(question, "question", self.limits)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise InvalidInputError("images: at least one image is needed")
-        pictures = [check.load_image(item, f"images[{i}]", self.limits) for i, item in enumerate(items)]
+        pictures = check.image_each(images, "images", self.limits)
         check.integer(batch_size, "batch_size", 1, self.limits.max_images_per_prompt)
         answers = []
         for picture in pictures:
@@ -271,13 +268,7 @@ class RemoteInternVLU:
                      flow_shift, seed, generator, num_images, reasoning, system_prompt, callback) -> dict:
         if generator is not None:
             raise InvalidInputTypeError("generator cannot be sent to a server; pass seed=... instead")
-        if reasoning is not None and not isinstance(reasoning, Reasoning):
-            raise InvalidInputError(f"reasoning must be a Reasoning from reason(...), got {type(reasoning).__name__}")
-        if reasoning is not None and reasoning.num_images != len(pictures):
-            raise InvalidInputError(
-                f"reasoning was made for {reasoning.num_images} input image(s) but {len(pictures)} were given; "
-                "call reason() with the same images"
-            )
+        check_reasoning(reasoning, len(pictures))
         for name, side in (("width", width), ("height", height)):
             if side is not None:
                 check.integer(side, name, self.limits.min_side, self.limits.max_side)

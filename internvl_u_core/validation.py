@@ -258,6 +258,14 @@ def image_list(value, name: str, *, allow_empty: bool, limits: Limits = DEFAULT_
     return [load_image(item, f"{name}[{i}]" if len(items) > 1 else name, limits) for i, item in enumerate(items)]
 
 
+def image_each(value, name: str, limits: Limits = DEFAULT_LIMITS) -> list[Image.Image]:
+    """One image or a list of them, each a job of its own (``understand_each``): no per-prompt cap, at least one."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise InvalidInputError(f"{name}: at least one image is needed")
+    return [load_image(item, f"{name}[{i}]", limits) for i, item in enumerate(items)]
+
+
 def prompts_and_images(
     prompt, image, *, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[list[str], list[list[Image.Image]]]:
@@ -318,10 +326,12 @@ def positive(value, name: str) -> float:
     return number
 
 
-def token_ids(value, name: str, vocabulary: int) -> tuple[int, ...]:
-    """Token ids as a tuple of ints, each in ``0 … vocabulary - 1``."""
+def token_ids(value, name: str, vocabulary: int | None = None) -> tuple[int, ...]:
+    """Token ids as a tuple of ints, each in ``0 … vocabulary - 1`` (any int without a ``vocabulary``)."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InvalidInputTypeError(f"{name} must be a list of integer token ids")
+    if vocabulary is None:
+        return tuple(value)
     bad = [t for t in value if not 0 <= t < vocabulary]
     if bad:
         raise InvalidInputError(f"{name} holds ids outside the model's vocabulary 0…{vocabulary - 1}, e.g. {bad[0]}")

@@ -8,6 +8,7 @@ norms in float32, as diffusers 0.38+ does, moves the decoded pixels by a mean of
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import diffusers
@@ -19,30 +20,17 @@ from safetensors.torch import load_file
 from internvl_u_core.pipeline import load_generation_decoder, load_vae
 from internvl_u_core.sampling import LatentCodec
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from reference_compare import recorded_dit_inputs  # noqa: E402  (the script that recorded the fixtures)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINT = FIXTURES / "internvlu-tiny-c" / "checkpoint"
 CASES = ("t2i_system_prompt", "edit_image_slot_mid")
-DIT_INPUTS = (
-    "hidden_states", "encoder_hidden_states", "encoder_attention_mask", "encoder_image_token_mask", "timestep",
-    "image_grid_thw_gen", "image_fhw_cond", "conditional_input", "image_grid_thw_gen_cond",
-)
 CPU = torch.device("cpu")
 
 
 def _record(case: str) -> dict[str, torch.Tensor]:
     return load_file(str(FIXTURES / "bf16-reference" / f"{case}.safetensors"))
-
-
-def _dit_inputs(record: dict) -> dict:
-    inputs = {}
-    for name in DIT_INPUTS:
-        key = f"dit_in.{name}"
-        items = sorted((k for k in record if k.startswith(key + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
-        if key in record:
-            inputs[name] = record[key]
-        elif items:
-            inputs[name] = [record[k] for k in items]
-    return inputs
 
 
 def _error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
@@ -62,7 +50,7 @@ def test_dit_matches_the_reference_bf16_run(case):
     record = _record(case)
     decoder = load_generation_decoder(CHECKPOINT / "generation_decoder", torch.bfloat16, CPU)
     with torch.no_grad():
-        out = decoder.decoder(**_dit_inputs(record))
+        out = decoder.decoder(**recorded_dit_inputs(record))
     mean, worst = _error(out, record["dit_out"])
     assert mean <= 1e-3 and worst <= 0.0625, (mean, worst)  # observed: 0, 0
 

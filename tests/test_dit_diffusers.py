@@ -65,14 +65,13 @@ def _steps(model, inputs: dict, timesteps=(0.9, 0.6, 0.3)) -> list[torch.Tensor]
     return outputs
 
 
+CASES = {"rows": ("internvlu-tiny-c", "edit_batch2_pad"), "equal": ("internvlu-tiny", "t2i_batch2_64x96")}
+
+
 @pytest.fixture(scope="module")
 def reference_steps():
     """The plain model's predictions, per fixture case, to compare every variant with."""
-    cases = {"rows": ("internvlu-tiny-c", "edit_batch2_pad"), "equal": ("internvlu-tiny", "t2i_batch2_64x96")}
-    return {name: _steps(_dit(s), _inputs(s, c)) for name, (s, c) in cases.items()}
-
-
-CASES = {"rows": ("internvlu-tiny-c", "edit_batch2_pad"), "equal": ("internvlu-tiny", "t2i_batch2_64x96")}
+    return {name: _steps(_dit(s), _inputs(s, c)) for name, (s, c) in CASES.items()}
 
 
 def test_is_a_diffusers_model_with_registered_config():
