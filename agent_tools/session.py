@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from agent_tools.images import ImageStore
@@ -17,8 +17,11 @@ ReturnImages = Literal["none", "thumbnail", "full"]
 
 
 def _at_most(policy: int, core_bound: str) -> Any:
-    """A tighter default for agents that never exceeds the core's bound of the same kind."""
-    return field(default_factory=lambda: min(policy, getattr(DEFAULT_LIMITS, core_bound)))
+    """A tighter default for agents that never exceeds the core's bound of the same kind (named in the
+    field's metadata, which `ToolLimits.__post_init__` checks any given value against)."""
+    return field(
+        default_factory=lambda: min(policy, getattr(DEFAULT_LIMITS, core_bound)), metadata={"core_bound": core_bound}
+    )
 
 
 @dataclass(frozen=True)
@@ -35,21 +38,14 @@ class ToolLimits:
     """Longer reasoning is cut in the text the agent reads; the artifact keeps it whole."""
 
     def __post_init__(self) -> None:
-        for name, core_bound in _CORE_BOUNDS.items():
-            value, ceiling = getattr(self, name), getattr(DEFAULT_LIMITS, core_bound)
+        for policy in fields(self):
+            core_bound = policy.metadata.get("core_bound")
+            if core_bound is None:
+                continue
+            value, ceiling = getattr(self, policy.name), getattr(DEFAULT_LIMITS, core_bound)
             if not 1 <= value <= ceiling:
-                msg = f"ToolLimits.{name} = {value} must be between 1 and the core's {core_bound} ({ceiling})"
+                msg = f"ToolLimits.{policy.name} = {value} must be between 1 and the core's {core_bound} ({ceiling})"
                 raise ValueError(msg)
-
-
-#: Each policy field of `ToolLimits` and the core bound that caps it.
-_CORE_BOUNDS = {
-    "max_input_pixels": "max_input_file_pixels",
-    "max_output_side": "max_side",
-    "max_output_images": "max_output_images",
-    "max_steps": "max_steps",
-    "max_new_tokens": "max_new_tokens",
-}
 
 
 class InternVLUSession:

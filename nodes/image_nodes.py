@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from .callbacks import StepCallback
@@ -59,7 +60,6 @@ def _size(resolution: str, width: int, height: int) -> tuple[int, int]:
 
 def _draw(
     model: ModelHandle,
-    job: str,
     steps: int,
     all_cfg_scale: float,
     part_cfg_scale: float,
@@ -67,16 +67,14 @@ def _draw(
     batch_size: int,
     reasoning: Any,
     system_prompt: str | None,
-    **job_args: Any,
+    job: Callable[..., list[Any]],
 ) -> NodeResult:
-    """Run ``pipe.generate``/``pipe.edit``; outputs the images and the final latents as a ComfyUI LATENT."""
-    width, height = job_args.pop("width"), job_args.pop("height")
+    """Run ``job(pipe, **sampling)`` (a ``pipe.generate``/``pipe.edit`` call) in one use of the model;
+    outputs the images and the final latents as a ComfyUI LATENT."""
     with model.use() as pipe:
         callback = StepCallback(pipe, steps)
-        images = getattr(pipe, job)(
-            **job_args,
-            width=width or None,
-            height=height or None,
+        images = job(
+            pipe,
             steps=steps,
             all_cfg_scale=all_cfg_scale or None,
             part_cfg_scale=part_cfg_scale or None,
@@ -118,10 +116,12 @@ def generate(
 ) -> NodeResult:
     """Text-to-image, optionally guided by a Reason node's chain of thought."""
     width, height = _size(resolution, width, height)
-    return _draw(
-        model, "generate", steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt,
-        prompt=_prompt_with_reasoning(prompt, reasoning, "prompt"), width=width, height=height,
-    )
+    prompt = _prompt_with_reasoning(prompt, reasoning, "prompt")
+
+    def draw(pipe: Any, **sampling: Any) -> list[Any]:
+        return pipe.generate(prompt=prompt, width=width or None, height=height or None, **sampling)
+
+    return _draw(model, steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt, draw)
 
 
 GENERATE = NodeSpec(
@@ -173,18 +173,22 @@ def edit(
 ) -> NodeResult:
     """Edit one image (or combine several reference images) following an instruction."""
     images = collect_images(image, more_images) or []
-    if image_latent is not None:
-        images = model.images_from_comfy_latent(image_latent) + images
-    if not images:
+    if image_latent is None and not images:
         raise ValueError("InternVL-U Edit needs an image to edit: connect 'image' or 'image_latent'")
     width, height = _size(resolution, width, height)
-    if bool(width) != bool(height):  # one side given: the other comes from the first input image
-        width, height = width or images[0].width, height or images[0].height
-    return _draw(
-        model, "edit", steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt,
-        images=images, instruction=_prompt_with_reasoning(instruction, reasoning, "instruction"),
-        width=width, height=height,
-    )
+    instruction = _prompt_with_reasoning(instruction, reasoning, "instruction")
+
+    def draw(pipe: Any, **sampling: Any) -> list[Any]:
+        # A latent is decoded in the same use of the model as the edit (one move to the device, not two).
+        pictures = images if image_latent is None else model.images_from_comfy_latent(pipe, image_latent) + images
+        out_width, out_height = width, height
+        if bool(width) != bool(height):  # one side given: the other comes from the first input image
+            out_width, out_height = width or pictures[0].width, height or pictures[0].height
+        return pipe.edit(
+            images=pictures, instruction=instruction, width=out_width or None, height=out_height or None, **sampling
+        )
+
+    return _draw(model, steps, all_cfg_scale, part_cfg_scale, seed, batch_size, reasoning, system_prompt, draw)
 
 
 EDIT = NodeSpec(

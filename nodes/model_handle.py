@@ -152,10 +152,9 @@ class InternVLUModel:
         layout ComfyUI's own Qwen-Image VAE nodes read and write, the Wan 2.1 latent space)."""
         return {"samples": pipe.to_vae_latents(latents).unsqueeze(2).cpu()}
 
-    def images_from_comfy_latent(self, latent: dict[str, Any]) -> list[Any]:
-        """The images a ComfyUI LATENT holds, decoded with this model's VAE."""
-        with self.use() as pipe:
-            return pipe.decode_latents(pipe.from_vae_latents(latent["samples"]))
+    def images_from_comfy_latent(self, pipe: Any, latent: dict[str, Any]) -> list[Any]:
+        """The images a ComfyUI LATENT holds, decoded with this model's VAE (``pipe`` from :meth:`use`)."""
+        return pipe.decode_latents(pipe.from_vae_latents(latent["samples"]))
 
 
 class ModelHandle(Protocol):
@@ -178,8 +177,8 @@ class ModelHandle(Protocol):
         """The LATENT output of a job whose step callback last saw ``latents``."""
         ...
 
-    def images_from_comfy_latent(self, latent: dict[str, Any]) -> list[Any]:
-        """The images of a LATENT input."""
+    def images_from_comfy_latent(self, pipe: Any, latent: dict[str, Any]) -> list[Any]:
+        """The images of a LATENT input, for a job on ``pipe``."""
         ...
 
 

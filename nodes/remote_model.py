@@ -98,5 +98,5 @@ class RemoteModel:
     def to_comfy_latent(self, pipe: Any, latents: Any) -> dict[str, Any]:
         return ServedLatent()
 
-    def images_from_comfy_latent(self, latent: dict[str, Any]) -> list[Any]:
+    def images_from_comfy_latent(self, pipe: Any, latent: dict[str, Any]) -> list[Any]:
         raise ValueError(NO_LATENT_INPUT)

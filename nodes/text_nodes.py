@@ -31,10 +31,10 @@ def _sampling(
     }
 
 
+#: The text nodes' sampling inputs, named as the core's arguments.
+_SAMPLING = ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "seed")
 #: Understand's inputs that are settings (everything but the images), for grouping per-image work.
-_UNDERSTAND_SETTINGS = (
-    "model", "question", "max_new_tokens", "do_sample", "temperature", "top_p", "num_beams", "seed", "system_prompt",
-)
+_UNDERSTAND_SETTINGS = ("model", "question", *_SAMPLING, "system_prompt")
 
 
 def understand(**lists: list[Any]) -> NodeResult:
@@ -58,7 +58,7 @@ def understand(**lists: list[Any]) -> NodeResult:
                     row["question"],
                     system_prompt=row.get("system_prompt") or None,
                     token_callback=token_callback(row["max_new_tokens"]),
-                    **_sampling(*(row[k] for k in _UNDERSTAND_SETTINGS[2:8])),
+                    **{name: row[name] for name in _SAMPLING},
                 )
             )
     return NodeResult((answers,), text="\n\n".join(answers))
@@ -90,7 +90,7 @@ def _understand_each(rows: list[dict[str, Any]]) -> list[list[str]]:
                 system_prompt=row.get("system_prompt") or None,
                 token_callback=token_callback(None),
                 image_callback=on_batch,
-                **_sampling(*(row[k] for k in _UNDERSTAND_SETTINGS[2:8])),
+                **{name: row[name] for name in _SAMPLING},
             )
         done += len(pictures)
         for index in members:

@@ -354,10 +354,8 @@ async def test_progress_shows_in_astream_events(toolkit: InternVLUToolkit) -> No
     assert [e["data"]["step"] for e in events] == [1, 2]
 
 
-@pytest.mark.asyncio
-async def test_cancelling_the_task_stops_the_core(
-    toolkit: InternVLUToolkit, folders: dict[str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
+async def cancel_a_slow_generation_at_its_first_step(kit: InternVLUToolkit, side: int) -> None:
+    """Start a 100-step generate_image task, cancel it at its first denoising step, see it end cancelled."""
     first_step = asyncio.Event()
 
     class StepWatcher(AsyncCallbackHandler):
@@ -365,11 +363,9 @@ async def test_cancelling_the_task_stops_the_core(
             if data.get("stage") == "denoising":
                 first_step.set()
 
-    generate = tool(toolkit, "generate_image")
-    caplog.set_level(logging.INFO, logger="agent_tools")
     task = asyncio.create_task(
-        generate.ainvoke(
-            {"prompt": "A slow picture", "seed": 1, "width": 64, "height": 64, "steps": 100},
+        tool(kit, "generate_image").ainvoke(
+            {"prompt": "A slow picture", "seed": 1, "width": side, "height": side, "steps": 100},
             config={"callbacks": [StepWatcher()]},
         )
     )
@@ -377,6 +373,14 @@ async def test_cancelling_the_task_stops_the_core(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_task_stops_the_core(
+    toolkit: InternVLUToolkit, folders: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent_tools")
+    await cancel_a_slow_generation_at_its_first_step(toolkit, side=64)
 
     # the next job queues behind the cancelled one, so once it is done the first has stopped
     answer = await tool(toolkit, "understand_image").ainvoke(
@@ -612,24 +616,8 @@ def test_agent_on_a_served_model_gives_the_local_outputs(
 
 @pytest.mark.asyncio
 async def test_cancelling_a_served_job_cancels_it_on_the_server(remote_toolkit: InternVLUToolkit, served: Any) -> None:
-    first_step = asyncio.Event()
-
-    class StepWatcher(AsyncCallbackHandler):
-        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
-            if data.get("stage") == "denoising":
-                first_step.set()
-
     before = served.health()["cancelled"]
-    task = asyncio.create_task(
-        tool(remote_toolkit, "generate_image").ainvoke(
-            {"prompt": "A slow picture", "seed": 1, "width": 256, "height": 256, "steps": 100},
-            config={"callbacks": [StepWatcher()]},
-        )
-    )
-    await asyncio.wait_for(first_step.wait(), timeout=60)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_a_slow_generation_at_its_first_step(remote_toolkit, side=256)
     await asyncio.to_thread(served.wait_for, lambda health: health["cancelled"] == before + 1 and health["running"] == 0)
 
 

@@ -19,6 +19,7 @@ from internvl_u_core import (  # noqa: E402
     DEFAULT_LIMITS,
     CheckpointNotDownloaded,
     InvalidInputError,
+    RemoteError,
     offload,
     quantization,
 )
@@ -445,7 +446,6 @@ def test_unload_closes_the_connection_and_the_next_run_reconnects(remote: Any) -
 
 
 def test_remote_loader_errors_are_clear(served: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from internvl_u_core import InvalidInputError, RemoteError
     from nodes.core_import import MissingDependencyError
 
     loader = SPECS["InternVLU_RemoteLoader"]

@@ -59,7 +59,8 @@ def test_publish_workflow_uses_the_registry_action() -> None:
 @pytest.mark.parametrize("path", RUNTIME_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_code_the_registry_security_scan_forbids(path: Path) -> None:
     """No eval/exec/compile, no subprocess or os.system (so no pip from code), no code downloads."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    tree = ast.parse(text)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             assert node.func.id not in ("eval", "exec", "compile", "__import__"), f"{path}:{node.lineno}"
@@ -68,5 +69,4 @@ def test_no_code_the_registry_security_scan_forbids(path: Path) -> None:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
             assert not {"subprocess", "pip", "urllib.request", "requests", "runpy"} & set(names), f"{path}:{node.lineno}"
-    text = path.read_text(encoding="utf-8")
     assert "git clone" not in text and "trust_remote_code=True" not in text

@@ -253,6 +253,15 @@ def fast_prompt(name: str, **changes: dict[str, Any]) -> dict[str, Any]:
     return prompt
 
 
+def _node(prompt: dict[str, Any], class_type: str) -> str:
+    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
+
+
+def _saves(prompt: dict[str, Any]) -> dict[str, str]:
+    """The SaveImage node of each node whose images are saved."""
+    return {n["inputs"]["images"][0]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+
+
 def point_at(prompt: dict[str, Any], served: Any) -> dict[str, Any]:
     """The prompt with every Remote Loader's base_url set to the test server."""
     for node in prompt.values():
@@ -366,9 +375,8 @@ def test_generate_latent_decoded_by_comfyui_vae_decode_matches_our_image(server:
     prompt = fast_prompt("internvlu_latent_vae_decode", **CHANGES["internvlu_latent_vae_decode"])
     entry = server.wait(server.queue(prompt))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-    saves = {n["inputs"]["images"][0]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
-    decode = next(i for i, n in prompt.items() if n["class_type"] == "VAEDecode")
-    generate = next(i for i, n in prompt.items() if n["class_type"] == "InternVLU_Generate")
+    saves = _saves(prompt)
+    decode, generate = _node(prompt, "VAEDecode"), _node(prompt, "InternVLU_Generate")
     (ours,), (comfy,) = _saved(server, entry, saves[generate]), _saved(server, entry, saves[decode])
     assert ours.shape == comfy.shape == (48, 64, 3)
     assert ours.std() > 5  # a real picture, not a saturated or flat one
@@ -383,7 +391,7 @@ def test_caption_workflow_writes_one_txt_per_image(server: Server) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{name}{suffix}" for name in CAPTION_NAMES for suffix in (".png", ".txt")
     )
-    understand = next(i for i, n in prompt.items() if n["class_type"] == "InternVLU_Understand")
+    understand = _node(prompt, "InternVLU_Understand")
     (shown,) = entry["outputs"][understand]["text"]  # every answer, in image order
     captions = [(folder / f"{name}.txt").read_text(encoding="utf-8").strip() for name in CAPTION_NAMES]
     position = 0
@@ -405,14 +413,10 @@ def test_interrupt_stops_a_running_generation(server: Server) -> None:
     entry = server.wait(prompt_id, timeout=60)
     events = {event: data for event, data in entry["status"]["messages"]}
     assert "execution_interrupted" in events, entry["status"]
-    generate_node = next(i for i, n in long_run.items() if n["class_type"] == "InternVLU_Generate")
+    generate_node = _node(long_run, "InternVLU_Generate")
     assert events["execution_interrupted"]["node_id"] == generate_node
     again = server.wait(server.queue(fast_prompt("internvlu_image_qa")))
     assert again["status"]["status_str"] == "success"
-
-
-def _node(prompt: dict[str, Any], class_type: str) -> str:
-    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
 
 
 def _local(prompt: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +435,7 @@ def test_remote_workflow_gives_the_local_results(server: Server, served: Any, ti
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     reason, generate, understand, edit = (_node(prompt, f"InternVLU_{kind}")
                                           for kind in ("Reason", "Generate", "Understand", "Edit"))
-    saves = {n["inputs"]["images"][0]: i for i, n in prompt.items() if n["class_type"] == "SaveImage"}
+    saves = _saves(prompt)
     texts = {node: entry["outputs"][node]["text"][0] for node in (reason, understand)}
     pictures = {node: _saved(server, entry, saves[node]) for node in (generate, edit)}
 

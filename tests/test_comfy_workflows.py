@@ -391,15 +391,14 @@ def test_api_workflow_runs_and_matches_the_core(
 def test_caption_folder_writes_one_txt_per_image(executor: Executor, pipe: Any, comfy_env: dict[str, Path]) -> None:
     prompt = fast_prompt(load_api("internvlu_caption_folder"))
     results = executor.run(prompt)
-    question = _inputs(prompt, _find(prompt, "InternVLU_Understand"))["question"]
+    inputs = _inputs(prompt, _find(prompt, "InternVLU_Understand"))
     folder = comfy_env["output"] / "captions"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"{name}{suffix}" for name in CAPTION_NAMES for suffix in (".png", ".txt")
     )
-    kwargs = _text_kwargs(_inputs(prompt, _find(prompt, "InternVLU_Understand")))
     for name, picture in zip(CAPTION_NAMES, caption_pictures()):
         caption = (folder / f"{name}.txt").read_text(encoding="utf-8")
-        assert caption == pipe.understand([picture], question, **kwargs).strip() + "\n"
+        assert caption == pipe.understand([picture], inputs["question"], **_text_kwargs(inputs)).strip() + "\n"
         assert np.array_equal(np.asarray(Image.open(folder / f"{name}.png")), np.asarray(picture))
     assert results[_find(prompt, "InternVLU_SaveCaptions")]["outputs"][0] == [str(folder)]
 
