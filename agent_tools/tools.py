@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from agent_tools.base import InternVLUTool, ToolOutput
 from agent_tools.content import tool_content, truncate
-from agent_tools.images import LoadedImage, StoredImage
+from agent_tools.images import LoadedImage
 from agent_tools.progress import JobControl
 from agent_tools.reasonings import StoredReasoning
 from agent_tools.schemas import (
@@ -52,7 +52,7 @@ class UnderstandImageTool(InternVLUTool):
         )
 
     def _present(self, plan: _ImageQuestion, answer: str) -> ToolOutput:
-        names = ", ".join(_name(loaded) for loaded in plan.images)
+        names = ", ".join(loaded.source.name for loaded in plan.images)
         artifact = {
             "tool": self.name,
             "answer": answer,
@@ -90,7 +90,7 @@ class ReasonTool(InternVLUTool):
         inputs = tuple(loaded.describe() for loaded in plan.images)
         stored = self.session.reasonings.add(reasoning, inputs)
         if plan.images:
-            purpose = "edit_image with this prompt as instruction, the images " + ", ".join(map(_name, plan.images))
+            purpose = "edit_image with this prompt as instruction, the images " + ", ".join(loaded.source.name for loaded in plan.images)
         else:
             purpose = "generate_image with the same prompt"
         shown = truncate(reasoning.text, self.session.limits.max_reasoning_chars)
@@ -228,7 +228,7 @@ class EditImageTool(_ImageOutputTool):
         )
 
     def _present(self, plan: _ImageJob, images: list[Image.Image]) -> ToolOutput:
-        sources = ", ".join(_name(loaded) for loaded in plan.images)
+        sources = ", ".join(loaded.source.name for loaded in plan.images)
         return self._describe_outputs(plan, images, f"Edited {sources} into {_count(images)}")
 
 
@@ -252,8 +252,3 @@ def _seed(requested: int | None) -> int:
 
 def _count(images: list[Image.Image]) -> str:
     return "1 image" if len(images) == 1 else f"{len(images)} images"
-
-
-def _name(loaded: LoadedImage | StoredImage) -> str:
-    source = loaded.source if isinstance(loaded, LoadedImage) else loaded
-    return source.image_id or str(source.path)

@@ -88,10 +88,14 @@ class StoredImage:
             "height": self.height,
         }
 
+    @property
+    def name(self) -> str:
+        """How results refer to it: its image id, else its path."""
+        return self.image_id or str(self.path)
+
     def label(self) -> str:
         """One-line description for text a model reads."""
-        name = self.image_id or str(self.path)
-        return f"{name}: {self.width}x{self.height} PNG at {self.path}"
+        return f"{self.name}: {self.width}x{self.height} PNG at {self.path}"
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class InternVLUTools:
 
             answer = await self.runner.run(job, ctx.report_progress)
         result = Answer(answer=answer, input_images=[_info(item.source) for item in loaded])
-        names = ", ".join(_name(item.source) for item in loaded)
+        names = ", ".join(item.source.name for item in loaded)
         return _result([TextContent(type="text", text=f"Answer about {names}: {answer}")], result)
 
     async def reason(self, ctx: Context, prompt: str, refs: list[str], max_new_tokens: int | None) -> CallToolResult:
@@ -166,7 +166,7 @@ class InternVLUTools:
         stored = self.reasonings.add(reasoning, tuple(item.describe() for item in loaded))
         if loaded:
             follow = "edit_image with this prompt as instruction, the images " + ", ".join(
-                _name(item.source) for item in loaded
+                item.source.name for item in loaded
             )
         else:
             follow = "generate_image with the same prompt"
@@ -219,7 +219,7 @@ class InternVLUTools:
 
             pictures = await self.runner.run(job, ctx.report_progress)
         if loaded:
-            headline = f"Edited {', '.join(_name(item.source) for item in loaded)} into {_count(pictures)}"
+            headline = f"Edited {', '.join(item.source.name for item in loaded)} into {_count(pictures)}"
         else:
             headline = f"Generated {_count(pictures)}"
         return await self._present(headline, pictures, loaded, seed, stored)
@@ -448,10 +448,6 @@ def _seed(requested: int | None) -> int:
 
 def _info(image: StoredImage) -> ImageInfo:
     return ImageInfo(**image.describe())
-
-
-def _name(image: StoredImage) -> str:
-    return image.image_id or str(image.path)
 
 
 def _count(pictures: list[Image.Image]) -> str:
