@@ -17,13 +17,14 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from PIL import Image
 
 from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
 from .files import png_bytes, png_data_uri
-from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, Limits
+from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 from .pipeline import Reasoning, check_reasoning
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
@@ -77,7 +78,7 @@ class RemoteInternVLU:
         base = base_url.rstrip("/")
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.model = model
-        self.limits = Limits()  # for checks made here; the server applies its own
+        self.limits = replace(DEFAULT_LIMITS)  # for checks made here (as the pipeline's); the server applies its own
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
