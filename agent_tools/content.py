@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from agent_tools.images import StoredImage
 from agent_tools.session import ReturnImages
+from internvl_u_core.files import png_bytes
 
 ToolContent = str | list[dict[str, Any]]
 
@@ -48,6 +48,4 @@ def _thumbnail(image: Image.Image, size: int) -> Image.Image:
 
 
 def _png_base64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image)).decode("ascii")
