@@ -9,6 +9,8 @@ import asyncio
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -638,3 +640,10 @@ def test_served_model_key_and_options(served: Any, folders: dict[str, Path], mon
     with pytest.raises(ValueError, match="api_key is for a served model"):
         InternVLUToolkit(model=FIXTURE / "checkpoint", api_key="x", output_dir=folders["outputs"])
     assert "wrong" not in repr(wrong)  # the key is a SecretStr
+
+
+def test_importing_without_langchain_names_the_agents_extra():
+    probe = "import sys; sys.modules['langchain_core'] = None; import agent_tools"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert 'pip install -e ".[agents]"' in result.stderr and "langchain-core>=1.0,<2" in result.stderr

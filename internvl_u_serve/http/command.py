@@ -56,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM, running requests get this long to finish before they are cancelled "
                           "(default: 30)")
-    net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                     help="how much the server logs on stderr: info = start-up and one line per request; warning "
+                          "or error = problems only; debug = everything (default: info)")
     parser.set_defaults(handler=run)
 
 
