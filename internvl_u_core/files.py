@@ -41,7 +41,9 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     `..` parts are collapsed and checked before anything on disk is looked at, so the
     answer never reveals whether a file outside the roots exists; symlinks are then
     resolved and checked again, so a link inside a root cannot lead out of it.
-    Relative paths are tried against each root in order.
+    A relative path is tried from the working directory first (``photos/lake.png`` with the root
+    ``photos``, as a user types it in a shell), then against each root in order (``lake.png``);
+    only the tries that land inside a root count, and the error lists them.
     """
     if not roots:
         raise InvalidInputError(
@@ -50,9 +52,9 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     real_roots = [root.resolve() for root in roots]
     try:
         candidate = Path(ref)
-        bases = [None] if candidate.is_absolute() else real_roots
-        within = [Path(os.path.normpath(base / candidate if base else candidate)) for base in bases]
-        within = [path for path in within if _inside(path, [*real_roots, *map(_absolute, roots)])]
+        bases = [None] if candidate.is_absolute() else [Path.cwd(), *real_roots]
+        tries = [Path(os.path.normpath(base / candidate if base else candidate)) for base in bases]
+        within = list(dict.fromkeys(path for path in tries if _inside(path, [*real_roots, *map(_absolute, roots)])))
         if not within:
             raise _outside(ref, real_roots)
         for path in within:
@@ -66,7 +68,8 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"'{ref}' is not a usable file path: {error}.") from error
     raise InvalidInputError(
-        f"No file at '{ref}' (looked in {_listing(real_roots)}). Check the name or use an image_id from an earlier result."
+        f"No file at '{ref}' (looked for {_listing(within)}; readable folders: {_listing(real_roots)}). "
+        "Check the name or use an image_id from an earlier result."
     )
 
 

@@ -647,3 +647,22 @@ def test_importing_without_langchain_names_the_agents_extra():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert 'pip install -e ".[agents]"' in result.stderr and "langchain-core>=1.0,<2" in result.stderr
+
+
+def test_relative_paths_resolve_from_the_working_directory_first(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With allowed_dirs=["inputs"], "inputs/fox.png" (as typed in a shell) and "fox.png" both work."""
+    monkeypatch.chdir(folders["inputs"].parent)
+    kit = InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir="outputs", allowed_dirs=["inputs"])
+    for ref in ("inputs/fox.png", "fox.png", str(folders["inputs"] / "fox.png")):
+        message = invoke(kit, "understand_image", images=[ref], question="?")
+        assert "No file" not in message.text and "outside" not in message.text, (ref, message.text)
+    missing = invoke(kit, "understand_image", images=["inputs/gone.png"], question="?")
+    here, inside = folders["inputs"] / "gone.png", folders["inputs"] / "inputs" / "gone.png"
+    assert missing.status == "error" and f"looked for {here}, {inside}" in missing.text
+    # Still confined: a path to a file beside the allowed folder is looked for only inside them.
+    beside = invoke(kit, "understand_image", images=["outside/secret.png"], question="?")
+    assert beside.status == "error" and "No file at 'outside/secret.png'" in beside.text
+    refused = invoke(kit, "understand_image", images=["../outside/secret.png"], question="?")
+    assert refused.status == "error" and "outside the folders" in refused.text, refused.text
