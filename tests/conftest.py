@@ -14,6 +14,10 @@ from safetensors.torch import load_file
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_SETS = ("internvlu-tiny", "internvlu-tiny-c")
 TINY_CHECKPOINT = FIXTURES / "internvlu-tiny" / "checkpoint"
+#: How the core explains a missing GPU, with either torch build: the CPU wheel ("a CPU-only build
+#: without CUDA") or a CUDA wheel on a machine without a GPU ("torch 2.x+cu130 (CUDA 13.0) finds no
+#: usable GPU"). A regular expression for pytest.raises(match=...).
+NO_GPU_REASON = r"(CPU-only build without CUDA|\(CUDA [\d.]+\) finds no usable GPU)"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
