@@ -262,6 +262,8 @@ def _check_arguments(args) -> None:
             args.seed = _seed_or_random(args.seed, limits)
         return
     check.requested_size(args.height, args.width, None, limits, CLI_NAMES)
+    if args.image and args.width is None and args.height is None:
+        _fit_to_the_limits(args, limits)
     check.steps(args.steps, limits, "--steps")
     check.num_images(args.num_images, limits, "--num-images")
     for value, name in ((args.cfg, "--cfg"), (args.part_cfg, "--part-cfg")):
@@ -272,6 +274,20 @@ def _check_arguments(args) -> None:
     args.outputs = _output_paths(args.output, args.num_images, args.mkdir)
     args.model = _find_model(args)
     args.seed = _seed_or_random(args.seed, limits)
+
+
+def _fit_to_the_limits(args, limits) -> None:
+    """An edit draws at its first image's size; a larger photo is drawn at the largest size allowed, said once."""
+    from . import validation as check
+
+    first = args.image[0]
+    fitted = check.fitted_size(first.width, first.height, limits)
+    if fitted != first.size:
+        args.width, args.height = fitted
+        width, height = first.info.get("original_size", first.size)
+        print(f"internvl-u: note: the first --image ({width}×{height}) is larger than an output may be "
+              f"({limits.max_side} pixels a side, {limits.max_pixels:,} in all); drawing at {fitted[0]}×{fitted[1]} "
+              "(pass --width and --height to choose)", file=sys.stderr)
 
 
 _EMPTY_ADVICE = {"understand": "ask a question", "reason": "describe the image or the edit",

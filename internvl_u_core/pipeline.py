@@ -739,10 +739,11 @@ class InternVLUPipeline:
             )
 
     def _default_size(self, pictures, width, height) -> tuple[int | None, int | None]:
-        """Each missing side defaults to the first input image's (at least the smallest size); text-to-image keeps None."""
+        """Each missing side defaults to the first input image's, fitted to the size limits; text-to-image keeps None."""
         if pictures:
-            width = max(pictures[0].width, self.limits.min_side) if width is None else width
-            height = max(pictures[0].height, self.limits.min_side) if height is None else height
+            fitted_width, fitted_height = check.fitted_size(pictures[0].width, pictures[0].height, self.limits)
+            width = fitted_width if width is None else width
+            height = fitted_height if height is None else height
         return width, height
 
     def _check_reasoning(self, reasoning, pictures, name: str) -> None:

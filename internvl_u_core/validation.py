@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,18 +157,23 @@ def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image
         raise InvalidInputTypeError(f"{name} must be a PIL image, a file path or bytes, got {type(value).__name__}")
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
+    original_size = image.size
     image = to_rgb(image, name)
     if image.width * image.height > limits.max_input_pixels:
         scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
+    if image.size != original_size:  # downscaled here or by JPEG draft decoding: say from what
+        image.info["original_size"] = original_size
     return image
 
 
 def _open_encoded(source, label: str, name: str, limits: Limits) -> Image.Image:
     """Open an image file lazily (header only) and refuse or draft-downscale it before any pixel is decoded."""
     try:
-        image = Image.open(source)  # reads the header only
+        with warnings.catch_warnings():  # our own bound (max_input_file_pixels, below) decides, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"{name}: {label} is too large to open safely ({exc}); downscale it first") from exc
     except OSError as exc:
@@ -333,6 +339,18 @@ def image_size(height, width, limits: Limits = DEFAULT_LIMITS, names: ArgumentNa
             "(limits.max_pixels)"
         )
     return height, width
+
+
+def fitted_size(width: int, height: int, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(width, height)`` scaled down, keeping the aspect ratio, to the largest size a drawing may have.
+
+    An input image's size is the default output size of an edit; a photo larger than the limits
+    (``max_side``, ``max_pixels``) is drawn at this size instead of being refused under a size the
+    caller never gave. Sizes within the limits come back unchanged (small ones raised to ``min_side``).
+    """
+    scale = min(1.0, limits.max_side / width, limits.max_side / height, math.sqrt(limits.max_pixels / (width * height)))
+    fitted = (max(limits.min_side, math.floor(width * scale)), max(limits.min_side, math.floor(height * scale)))
+    return (min(fitted[0], limits.max_side), min(fitted[1], limits.max_side))
 
 
 def requested_size(

@@ -260,3 +260,13 @@ def test_default_seed_is_random_printed_and_reproduces(tmp_path, capsys):
     again, err = draw("again.png", "--seed", printed.group(1))
     assert "seed:" not in err  # a given seed is not announced
     assert np.array_equal(first, again)
+
+
+def test_an_edit_of_a_large_photo_says_the_size_it_will_draw_at(capsys, unreadable_weights, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (5000, 3000), (90, 140, 200)).save(photo)
+    assert main(["edit", "make it blue", "--image", str(photo), *_model(unreadable_weights), "--device", "cpu",
+                 "--seed", "1", "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert "the first --image (5000×3000) is larger than an output may be" in err and "drawing at 4096×2457" in err
+    assert "out of range" not in err and "corrupt" in err  # it went on to load (garbage weights here)
