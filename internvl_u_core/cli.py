@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from .download import add_command as add_download_command
 from .errors import CheckpointNotDownloaded, InternVLUError, InvalidInputError
 from .limits import (
     DEFAULT_ANSWER_TOKENS,
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an input image; repeat for several reference images")
     _add_model_options(edit)
     _add_image_options(edit, "default: the first input image's size")
+    add_download_command(sub)
     _add_plugin_commands(sub)
     return parser
 
