@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,19 @@ def unreadable_weights(tmp_path_factory) -> Path:
     for weights in root.rglob("*.safetensors"):
         weights.write_bytes(b"not weights")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_clone_parent_on_the_path():
+    """Take the folder holding this clone off sys.path before any test runs.
+
+    The repository root is a package (ComfyUI's entry ``__init__.py``), so pytest imports it with its
+    parent folder on sys.path. A sibling there named like a ComfyUI module (say a ComfyUI checkout
+    called ``comfy``) would then be imported as ComfyUI itself; the tests that need ComfyUI put it on
+    the path themselves.
+    """
+    parent = str(Path(__file__).resolve().parents[2])
+    sys.path[:] = [entry for entry in sys.path if entry != parent]
 
 
 @pytest.fixture(scope="session")
