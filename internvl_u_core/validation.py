@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
 from .limits import DEFAULT_LIMITS, Limits
@@ -176,6 +176,10 @@ def _open_encoded(source, label: str, name: str, limits: Limits) -> Image.Image:
             image = Image.open(source)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"{name}: {label} is too large to open safely ({exc}); downscale it first") from exc
+    except UnidentifiedImageError as exc:  # Pillow's text names an in-memory object, not the file
+        raise InvalidInputError(
+            f"{name}: {label} is not an image file Pillow can read (PNG, JPEG, WebP, BMP, TIFF, GIF …)"
+        ) from exc
     except OSError as exc:
         raise InvalidInputError(f"{name}: cannot read {label} as an image ({exc})") from exc
     if image.width * image.height > limits.max_input_file_pixels:
