@@ -239,14 +239,16 @@ def _check_arguments(args) -> None:
     Replaces ``args.image`` with the decoded images, fills in a random seed where none was given and
     adds ``args.outputs`` (the files to write) for the drawing commands.
     """
-    from . import validation as check
-
     limits = DEFAULT_LIMITS
     if not args.model:
         raise InvalidInputError(
             f"no model given; pass --model {DEFAULT_HUB_ID} (the released weights) or a checkpoint folder, "
             f"or set ${MODEL_ENV}"
         )
+    if not _is_hub_id(args.model):  # a folder: its layout is checked first, before torch is even imported
+        args.model = _find_model(args)
+    from . import validation as check
+
     check_memory_options(args, CLI_NAMES)
     text_argument = _TEXT_ARGUMENT[args.command]
     check.text(getattr(args, text_argument), text_argument, limits)
@@ -259,7 +261,7 @@ def _check_arguments(args) -> None:
     args.image = check.image_list(getattr(args, "image", None), "--image", allow_empty=True, limits=limits)
     if args.command in ("understand", "reason"):
         check.text_kwargs(_text_kwargs(args), None, limits, CLI_NAMES)
-        args.model = _find_model(args)
+        args.model = _find_model(args)  # a hub id: downloaded (once) only after every other check
         if args.sample:
             args.seed = _seed_or_random(args.seed, limits)
         return
@@ -274,7 +276,7 @@ def _check_arguments(args) -> None:
     if args.reasoning:
         check.integer(args.reasoning_tokens, "--reasoning-tokens", 1, limits.max_new_tokens)
     args.outputs = _output_paths(args.output, args.num_images, args.mkdir)
-    args.model = _find_model(args)
+    args.model = _find_model(args)  # a hub id: downloaded (once) only after every other check
     args.seed = _seed_or_random(args.seed, limits)
 
 
@@ -298,13 +300,19 @@ _EXAMPLES = {"understand": "What is in this picture?", "reason": "a lighthouse a
              "generate": "a red fox in fresh snow", "edit": "make the sky stormy"}
 
 
+def _is_hub_id(model: str) -> bool:
+    from .download import HUB_ID_PATTERN
+
+    return bool(HUB_ID_PATTERN.match(model)) and not Path(model).expanduser().exists()
+
+
 def _find_model(args) -> str:
     """The checkpoint folder behind --model, its layout checked (a hub id is downloaded once, here).
 
-    Runs after every other argument is checked and before the seed line, so a wrong --model is
-    refused in seconds, before the model libraries are imported.
+    A folder is checked before anything else (nothing heavy imported yet), a hub id after every other
+    argument (it may download); both before the seed line, so a wrong --model is refused at once.
     """
-    from .loading import COMPONENTS, component_folder, resolve_checkpoint
+    from .download import COMPONENTS, component_folder, resolve_checkpoint
 
     started = time.perf_counter()
 

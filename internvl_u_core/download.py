@@ -1,4 +1,4 @@
-"""Fetching a checkpoint from the Hugging Face hub, and ``internvl-u download`` (the hub's progress bars).
+"""Finding a checkpoint folder or fetching it from the Hugging Face hub; ``internvl-u download``.
 
 Into the Hugging Face cache (where ``--model InternVL-U/InternVL-U`` finds it) or, with
 ``--local-dir``, into a folder to pass as ``--model`` or to put in ComfyUI's ``models/`` folder.
@@ -18,6 +18,7 @@ from pathlib import Path
 from .errors import CheckpointNotDownloaded, ModelLoadError
 from .options import DEFAULT_HUB_ID
 
+COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")
 #: The official code repository; people pass it by mistake, it holds no weights.
 CODE_REPOSITORY_ID = "OpenGVLab/InternVL-U"
 
@@ -93,6 +94,42 @@ def _download_problem(hub_id: str, revision: str | None, exc: Exception) -> str:
     return (f"could not download {hub_id!r} from the Hugging Face hub: check the id, your network and, for "
             f"gated repos, `hf auth login` ({type(exc).__name__}: {exc})")
 
+
+
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike,
+    *,
+    local_files_only: bool = False,
+    revision: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Return the local root folder of a checkpoint, downloading a hub id only when asked to."""
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"model must be a folder path or a Hugging Face hub id, got {type(path_or_id).__name__}"
+        )
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds model_index.json")
+    if not HUB_ID_PATTERN.match(text) or text.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name' "
+            f"(the released model is {DEFAULT_HUB_ID!r})"
+        )
+    return download_checkpoint(text, revision=revision, local_files_only=local_files_only, progress=progress)
+
+
+def component_folder(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"checkpoint {root} has no '{name}/' folder; a released InternVL-U checkpoint has "
+            f"{', '.join(c + '/' for c in COMPONENTS)} and model_index.json"
+        )
+    return folder
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:

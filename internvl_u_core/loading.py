@@ -6,17 +6,14 @@ Only safetensors are read: pickle checkpoints (``.bin``/``.pt``) can execute cod
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from .download import HUB_ID_PATTERN, download_checkpoint
+from .download import COMPONENTS, component_folder, download_checkpoint, resolve_checkpoint  # noqa: F401 (re-exported)
 from .errors import ModelLoadError
-from .options import DEFAULT_HUB_ID
 
-COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -45,42 +42,6 @@ def import_model_libraries() -> None:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def resolve_checkpoint(
-    path_or_id: str | os.PathLike,
-    *,
-    local_files_only: bool = False,
-    revision: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Return the local root folder of a checkpoint, downloading a hub id only when asked to."""
-    if not isinstance(path_or_id, (str, os.PathLike)):
-        raise ModelLoadError(
-            f"model must be a folder path or a Hugging Face hub id, got {type(path_or_id).__name__}"
-        )
-    text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds model_index.json")
-    if not HUB_ID_PATTERN.match(text) or text.startswith((".", "/", "~")):
-        raise ModelLoadError(
-            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name' "
-            f"(the released model is {DEFAULT_HUB_ID!r})"
-        )
-    return download_checkpoint(text, revision=revision, local_files_only=local_files_only, progress=progress)
-
-
-def component_folder(root: Path, name: str) -> Path:
-    folder = root / name
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"checkpoint {root} has no '{name}/' folder; a released InternVL-U checkpoint has "
-            f"{', '.join(c + '/' for c in COMPONENTS)} and model_index.json"
-        )
-    return folder
 
 
 def read_json(path: Path) -> dict:
