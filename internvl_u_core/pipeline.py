@@ -1007,6 +1007,10 @@ class InternVLUPipeline:
         trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler, settings.flow_shift)
         scheduler.set_timesteps(settings.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Start at the first timestep even where rounding repeats it (many steps, a strong shift): looked
+            # up by value, the solver would start one step in and run past its last sigma (IndexError).
+            scheduler.set_begin_index(0)
         timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
