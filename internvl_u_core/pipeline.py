@@ -767,7 +767,8 @@ class InternVLUPipeline:
             if self._admission_processor is None:
                 self._admission_processor = copy.copy(self.processor)
                 self._admission_processor.tokenizer = copy.deepcopy(self.processor.tokenizer)
-            batch = self._admission_processor([prompt], [placeholders], mode, system_prompt)
+            rows_mode = "text_image" if mode == "image" and reasoning is not None else mode  # as _prepare_conditioning
+            batch = self._admission_processor([prompt], [placeholders], rows_mode, system_prompt)
         input_ids, attention_mask = batch.input_ids, batch.attention_mask
         if reasoning is not None:
             input_ids, attention_mask = reassemble_with_reasoning(

@@ -121,3 +121,27 @@ def test_reasoning_round_trips_and_is_checked(tiny_pipe):
     outside = Reasoning("t", (10**9,), "a kite", 0)
     with pytest.raises(InvalidInputError, match="reasoning.token_ids holds ids outside"):
         tiny_pipe.generate("a kite", width=32, steps=1, reasoning=outside)
+
+
+def test_check_request_refuses_what_the_call_would_and_nothing_more(tiny_pipe):
+    """The servers' admission check: the same prompt-length bound as a real call, and the reasoning checks."""
+    source = Image.open(FOX).convert("RGB")
+    rows = tiny_pipe.processor(["<image> make it blue"], [[source]], "image", None, height=32, width=32)
+    length = rows.input_ids.shape[1]
+    before = tiny_pipe.limits.max_prompt_tokens
+    try:
+        tiny_pipe.limits.max_prompt_tokens = length
+        tiny_pipe.check_request("<image> make it blue", 1)
+        tiny_pipe.limits.max_prompt_tokens = length - 1
+        with pytest.raises(InvalidInputError, match="^prompt is"):
+            tiny_pipe.check_request("<image> make it blue", 1)
+        with pytest.raises(InvalidInputError, match="^prompt is"):
+            tiny_pipe.edit(source, "<image> make it blue", width=32, height=32, steps=1, seed=1)
+    finally:
+        tiny_pipe.limits.max_prompt_tokens = before
+    with pytest.raises(InvalidInputError, match="^reasoning was made for 1"):
+        tiny_pipe.check_request("x", 0, reasoning=Reasoning("t", (1,), "x", num_images=1))
+    with pytest.raises(InvalidInputError, match="^reasoning.token_ids"):
+        tiny_pipe.check_request("x", 0, reasoning=Reasoning("t", (10**9,), "x", num_images=0))
+    with pytest.raises(InvalidInputError, match="image slots"):
+        tiny_pipe.check_request("<image> <image>", 1)

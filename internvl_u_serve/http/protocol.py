@@ -117,8 +117,8 @@ def parse_json(body: bytes):
     # Python's parser gives up (RecursionError) near 1,000 levels; below that the parsed value is walked.
     depth, field_ = _deepest(body) if value is None else _depth_of(value)
     if depth > MAX_JSON_DEPTH:
-        raise bad_request(field_, f"{field_ or 'the request body'}: arrays and objects nest {depth:,} deep; at most "
-                                  f"{MAX_JSON_DEPTH} levels are read")
+        raise bad_request(field_, f"{field_ or 'the request body'}: arrays and objects nest more than "
+                                  f"{MAX_JSON_DEPTH} levels deep; at most {MAX_JSON_DEPTH} are read")
     if overlong:
         path = _find(value, lambda item: isinstance(item, _OverlongNumber))
         top = path.split(".")[0].split("[")[0] or None
@@ -131,7 +131,8 @@ _JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:]')
 
 
 def _deepest(body: bytes) -> tuple[int, str | None]:
-    """How deep the body nests, and the top-level key under which it nests deepest (scanned, not parsed)."""
+    """How deep the body nests (scanned, not parsed; the scan stops once past :data:`MAX_JSON_DEPTH`), and
+    the top-level key under which it nests deepest."""
     depth = deepest = 0
     key = pending = field_ = None
     for match in _JSON_TOKEN.finditer(body):
@@ -140,6 +141,8 @@ def _deepest(body: bytes) -> tuple[int, str | None]:
             depth += 1
             if depth > deepest:
                 deepest, field_ = depth, key if depth > 1 else None
+            if depth > MAX_JSON_DEPTH:
+                break
         elif token in (b"]", b"}"):
             depth -= 1
         elif token == b":":
