@@ -109,11 +109,13 @@ class OpenAIServer:
 
     # -- plain endpoints -------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
-        """``ready`` or not; the queue's numbers only for a caller with the key (or when there is none)."""
-        status = {"status": "ok"}
+        """Ready (200 ``ok``) or not (503 ``shutting_down``); the model's name and the queue's numbers only
+        for a caller with the key (or on a server without one)."""
+        ready = self.engine.accepting
+        status = {"status": "ok" if ready else "shutting_down"}
         if self.api_key is None or _has_key(request, self.api_key):
             status.update(model=self.settings.model_name, **self.engine.stats())
-        return JSONResponse(status)
+        return JSONResponse(status, status_code=200 if ready else 503)
 
     async def models(self, request: Request) -> Response:
         model = {"id": self.settings.model_name, "object": "model", "created": self.started, "owned_by": "internvl-u",

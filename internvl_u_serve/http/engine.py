@@ -196,6 +196,11 @@ class Engine:
         self._thread.start()
 
     # -- event-loop side -------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        """Whether jobs are still taken (not after SIGTERM)."""
+        return not self._closing
+
     def check_room(self) -> None:
         """Raise :class:`QueueFull` (or :class:`ShuttingDown`) now, before a request's images are decoded."""
         with self._lock:
