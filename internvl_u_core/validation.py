@@ -171,7 +171,7 @@ def _open_encoded(source, label: str, name: str, limits: Limits) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"{name}: {label} is too large to open safely ({exc}); downscale it first") from exc
     except UnidentifiedImageError:
-        raise InvalidInputError(f"{name}: {label} is not an image file PIL can read (PNG, JPEG, WebP, …)") from None
+        raise InvalidInputError(f"{name}: cannot read {label}: it is not an image file (PNG, JPEG, WebP, …)") from None
     except OSError as exc:
         raise InvalidInputError(f"{name}: cannot read {label} as an image ({exc})") from exc
     if image.width * image.height > limits.max_input_file_pixels:
@@ -251,7 +251,7 @@ def image_header(data: bytes, name: str, limits: Limits = DEFAULT_LIMITS,
     except (OSError, SyntaxError, ValueError) as exc:
         kinds = ", ".join(formats) if formats else "PNG, JPEG, WebP, GIF, BMP, …"
         if isinstance(exc, UnidentifiedImageError):
-            raise InvalidInputError(f"{name}: {label} is not an image file this server reads ({kinds})") from None
+            raise InvalidInputError(f"{name}: cannot read {label}: it is not an image file of a known kind ({kinds})") from None
         raise InvalidInputError(f"{name}: {label} has a damaged image header; send a valid image file") from None
     if image is None or image.width * image.height > limits.max_input_pixels:
         size = "" if image is None else f" is {image.width}×{image.height} pixels,"

@@ -145,3 +145,14 @@ def test_check_request_refuses_what_the_call_would_and_nothing_more(tiny_pipe):
         tiny_pipe.check_request("x", 0, reasoning=Reasoning("t", (10**9,), "x", num_images=0))
     with pytest.raises(InvalidInputError, match="image slots"):
         tiny_pipe.check_request("<image> <image>", 1)
+
+
+def test_flow_shift_range_edges_run_and_beyond_is_refused(tiny_pipe):
+    """At flow_shift 100 and 20 steps the first timestep repeats after rounding; the solver still starts at
+    step 0 (it used to start one in and run past its last sigma: IndexError, a 500 on the server)."""
+    assert len(tiny_pipe.generate("x", width=16, height=16, steps=20, seed=1, flow_shift=100.0)) == 1
+    for shift in (1e30, 100.5, 0.0, 0.001):
+        with pytest.raises(InvalidInputError, match="flow_shift .* out of range"):
+            tiny_pipe.generate("x", width=16, height=16, steps=1, flow_shift=shift)
+    with pytest.raises(InvalidInputError, match="timestep_trunc .* out of range"):
+        tiny_pipe.generate("x", width=16, height=16, steps=1, timestep_trunc=1e300)

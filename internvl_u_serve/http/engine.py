@@ -375,10 +375,13 @@ class Engine:
             generated = step
             return False if job.cancelled.is_set() else None
 
-        sent = 0
+        sent = last_step = 0
 
         def stream_text(text):  # the answer so far; only its new part travels (it only ever grows)
-            nonlocal sent
+            nonlocal sent, last_step
+            if work.sampling.get("num_beams", 1) == 1 and generated == last_step:
+                return  # the whole answer once more after its last token: the final chunk carries what is new
+            last_step = generated
             delta = text[sent:]
             sent = len(text)
             job.emit(("text", generated, delta), len(delta.encode()))
