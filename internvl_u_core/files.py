@@ -170,9 +170,7 @@ class ImageStore:
         while path.exists():
             image_id = _new_image_id()
             path = self.output_dir / f"{image_id}.png"
-        partial = self.output_dir / f".{image_id}.partial"
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
+        write_atomically(path, png_bytes(image))
         return StoredImage(path=path, width=image.width, height=image.height, image_id=image_id)
 
     def add(self, source: Image.Image | str | os.PathLike[str]) -> StoredImage:
@@ -230,6 +228,31 @@ class ImageStore:
             ) from error
         except (OSError, SyntaxError) as error:
             raise InvalidInputError(f"'{ref}' could not be decoded: {error}.") from error
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` complete or not at all: a hidden temporary file beside it, flushed to
+    disk (fsync), then renamed over ``path``; on any failure the temporary file is removed."""
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with open(partial, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself reaches the disk with the folder's entry
+        folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # e.g. Windows, where folders cannot be opened
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
 
 
 def png_bytes(image: Image.Image) -> bytes:

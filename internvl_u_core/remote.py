@@ -26,7 +26,8 @@ from .errors import GenerationCancelled, InternVLUError, InvalidInputError, Inva
 from .files import png_bytes, png_data_uri
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
 from .options import API_KEY_ENV, is_server_url
-from .pipeline import Reasoning, check_reasoning
+from .pipeline import Reasoning
+from .requests import DrawRequest
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 
@@ -194,9 +195,11 @@ class RemoteInternVLU:
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
         """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
-        prompt = check.text(prompt, "prompt", self.limits)
-        fields = self._draw_fields(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                                   flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
+        request = DrawRequest(
+            prompt, (), seed, num_images, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
+            flow_shift, system_prompt, reasoning,
+        )
+        fields = self._draw_fields(request, generator, callback)
         return self._images("/v1/images/generations", callback, json_body=fields)
 
     def edit(
@@ -221,9 +224,11 @@ class RemoteInternVLU:
         """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
         instruction = check.text(instruction, "instruction", self.limits)
         pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
-        fields = self._draw_fields(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale,
-                                   timestep_trunc, flow_shift, seed, generator, num_images, reasoning, system_prompt,
-                                   callback)
+        request = DrawRequest(
+            instruction, tuple(pictures), seed, num_images, width, height, steps, all_cfg_scale, part_cfg_scale,
+            timestep_trunc, flow_shift, system_prompt, reasoning,
+        )
+        fields = self._draw_fields(request, generator, callback)
         form = {name: _form_value(value) for name, value in fields.items()}
         files = [("image", (f"image{i}.png", png_bytes(picture), "image/png")) for i, picture in enumerate(pictures)]
         return self._images("/v1/images/edits", callback, form=form, files=files)
@@ -257,34 +262,18 @@ class RemoteInternVLU:
             body["temperature"] = 0  # greedy, in OpenAI's (and vLLM's) words too
         return self._with_model(body)
 
-    def _draw_fields(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                     flow_shift, seed, generator, num_images, reasoning, system_prompt, callback) -> dict:
+    def _draw_fields(self, request: DrawRequest, generator, callback) -> dict:
         if generator is not None:
             raise InvalidInputTypeError("generator cannot be sent to a server; pass seed=... instead")
-        check_reasoning(reasoning, len(pictures))
-        for name, side in (("width", width), ("height", height)):
-            if side is not None:
-                check.integer(side, name, self.limits.min_side, self.limits.max_side)
-        steps = check.steps(steps, self.limits)
-        # Both sides as OpenAI's size; one side alone in the width/height extension fields (the pipeline
-        # then uses it for both, as in-process).
-        size = f"{width}x{height}" if width is not None and height is not None else None
+        request = request.checked(self.limits)
         fields = {
-            "prompt": prompt, "n": check.num_images(num_images, self.limits), "size": size,
-            "width": width if size is None else None, "height": height if size is None else None,
-            "num_inference_steps": steps, "seed": check.optional_seed(seed, self.limits),
-            "all_cfg_scale": _optional_scale(all_cfg_scale, "all_cfg_scale", self.limits),
-            "part_cfg_scale": _optional_scale(part_cfg_scale, "part_cfg_scale", self.limits),
-            "timestep_trunc": None if timestep_trunc is None else check.finite(timestep_trunc, "timestep_trunc"),
-            "flow_shift": None if flow_shift is None else check.positive(flow_shift, "flow_shift"),
-            "system_prompt": check.system_prompt(system_prompt, self.limits),
-            "reasoning": None if reasoning is None else reasoning.to_dict(),
+            **request.wire_fields(),
             "think": False,  # local generate/edit never think first, whatever the server's default
             "response_format": "b64_json",
         }
         if callback is not None:  # progress with a preview at every step
-            fields.update(stream=True, partial_images=steps)
-        return self._with_model({k: v for k, v in fields.items() if v is not None})
+            fields.update(stream=True, partial_images=request.steps)
+        return self._with_model(fields)
 
     def _with_model(self, body: dict) -> dict:
         if self.model is not None:
@@ -395,10 +384,6 @@ def _raise_error(error: dict, status: int | None, retry_after: float | None):
     if status in (400, 404, 413, 422) or (status is None and code == "invalid_value"):
         raise InvalidInputError(message)
     raise RemoteError(message, status_code=status, code=code, retry_after=retry_after)
-
-
-def _optional_scale(value, name: str, limits) -> float | None:
-    return None if value is None else check.guidance_scale(value, name, limits)
 
 
 def _form_value(value) -> str:
