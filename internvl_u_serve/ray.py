@@ -161,7 +161,7 @@ class InternVLUReplica:
 
         logging.getLogger("internvl_u_serve").setLevel(options.log_level.upper())
         context = serve.get_replica_context()
-        self.name = f"{context.replica_id.to_full_id_str()}@{socket.gethostname()}"
+        self.name = f"{context.deployment}#{context.replica_id.unique_id}@{socket.gethostname()}"
         self.engine, self.server = build_server(options, load_pipeline(options, "serve --ray"))
         logger.info("replica %s is ready (pid %d)", self.name, os.getpid())
 
