@@ -40,7 +40,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         'Ray Serve is not installed; install the [ray] extra: pip install -e ".[ray]" in your clone, '
-        'or pip install "ray[serve]>=2.50"'
+        'or pip install "ray[serve]>=2.60,<3"'
     ) from exc
 
 #: The deployment's name (``serve status``, ``deployments:`` in a ``serve deploy`` YAML).

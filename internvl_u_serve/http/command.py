@@ -107,7 +107,7 @@ def build_server(args: argparse.Namespace, pipe):
 # -- --ray: the same server on Ray Serve replicas (internvl_u_serve.ray) -------------------------
 MISSING_RAY = (
     'internvl-u serve: error: --ray needs Ray Serve, the [ray] extra: pip install -e ".[ray]" in your clone, '
-    'or pip install "ray[serve]>=2.50"'
+    'or pip install "ray[serve]>=2.60,<3"'
 )
 
 
