@@ -156,9 +156,12 @@ class InternVLUReplica:
     """One model, one engine, ``internvl-u serve``'s Starlette app (built by Serve after ``__init__``)."""
 
     def __init__(self, options: argparse.Namespace):
+        from internvl_u_core.remote import API_KEY_ENV
         from internvl_u_serve.common import load_pipeline
         from internvl_u_serve.http.command import build_server
 
+        if options.api_key is None:  # the replica's environment (a runtime_env) may carry the key
+            options.api_key = os.environ.get(API_KEY_ENV) or None
         logging.getLogger("internvl_u_serve").setLevel(options.log_level.upper())
         context = serve.get_replica_context()
         self.name = f"{context.deployment}#{context.replica_id.unique_id}@{socket.gethostname()}"
