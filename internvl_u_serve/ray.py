@@ -156,7 +156,7 @@ class InternVLUReplica:
     """One model, one engine, ``internvl-u serve``'s Starlette app (built by Serve after ``__init__``)."""
 
     def __init__(self, options: argparse.Namespace):
-        from internvl_u_core.remote import API_KEY_ENV
+        from internvl_u_core.options import API_KEY_ENV
         from internvl_u_serve.common import load_pipeline
         from internvl_u_serve.http.command import build_server
 
