@@ -31,7 +31,7 @@ from internvl_u_serve import ray as on_ray  # noqa: E402
 APP = "internvl-u-test"
 REPLICA = on_ray.REPLICA_HEADER
 OPTIONS = {"model": str(TINY_CHECKPOINT), "served_model_name": MODEL, "dtype": "float32", "device": "cpu",
-           "max_batch": 4, "max_queue": 64, "cpus_per_replica": 0.5, "log_level": "warning", "shutdown_timeout": 120}
+           "max_batch": 4, "max_queue": 64, "max_body_mb": 1, "cpus_per_replica": 0.5, "log_level": "warning", "shutdown_timeout": 120}
 # A request's whole round trip may take this long on a loaded 2-core machine (a hang fails the test).
 BOUND = 150.0
 
@@ -186,6 +186,12 @@ def test_the_openai_client_gets_the_in_process_answers(cluster, http, tiny_pipe)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "num_inference_steps"
     assert bad.headers[REPLICA].startswith(f"{on_ray.DEPLOYMENT_NAME}#")
     assert http.get("/v1/models").json()["data"][0]["id"] == MODEL
+    too_large = http.post("/v1/images/generations", content=b"{" + b" " * (1024 * 1024 + 10) + b"}",
+                          headers={"content-type": "application/json"})
+    assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe a fox"}],
+                                            max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
 
 
 def test_forty_requests_from_eight_clients_use_both_replicas(http, tiny_pipe):

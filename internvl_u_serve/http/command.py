@@ -146,7 +146,8 @@ def run_ray(args: argparse.Namespace) -> int:
 
     # The proxies read this when they start: they answer 503 for a replica that died under a request.
     os.environ.setdefault(on_ray.PROXY_CALLBACK_ENV, on_ray.PROXY_CALLBACK)
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level=logging.WARNING)
+    joined = bool(os.environ.get("RAY_ADDRESS"))  # ray.init joins that cluster; else it starts one here
+    ray.init(include_dashboard=None if joined else False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(on_ray.build_app(args), name="internvl-u", route_prefix="/")
@@ -159,7 +160,8 @@ def run_ray(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         serve.delete("internvl-u")  # replicas drain: running requests get --shutdown-timeout seconds
-        serve.shutdown()
+        if not joined:  # a shared cluster keeps its other applications
+            serve.shutdown()
         ray.shutdown()
     return 0
 
