@@ -8,7 +8,7 @@
 * ``throughput``: rounds of 8 concurrent requests against the Ray application with 1 replica
   (2 threads) and then with 2 replicas (1 thread each: the same two cores); images per minute.
 
-All on one local cluster (127.0.0.1, 2 CPUs, no dashboard). Writes
+All on one local cluster (127.0.0.1, 2 CPUs, no dashboard, workers at niceness 0). Writes
 ``bench/results/ray-serve-<timestamp>.json`` (or ``--json``) and prints a Markdown table.
 """
 
@@ -164,6 +164,9 @@ def main(argv=None) -> int:
 
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.environ.setdefault(on_ray.PROXY_CALLBACK_ENV, on_ray.PROXY_CALLBACK)
+    # Ray starts its workers at niceness 15; on a machine shared with other work that would slow the
+    # replicas against the direct server (niceness 0) for reasons unrelated to serving.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
