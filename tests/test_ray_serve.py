@@ -106,8 +106,8 @@ def wait_for_replicas(count: int, timeout: float = 240.0) -> dict[str, int]:
 def test_options_are_the_serve_commands():
     options = on_ray.serve_options({**OPTIONS, "autoscale": "0:3", "gpus_per_replica": 0.5,
                                     "allow_image_host": ["a.example", "b.example"], "think": True},
-                                   env={on_ray.ARGS_ENV: "--max-body-mb 8 --max-batch 2"})
-    assert options.max_body_mb == 8 and options.max_batch == 4  # application args override the env's flags
+                                   env={on_ray.ARGS_ENV: "--revision v1 --max-batch 2"})
+    assert options.revision == "v1" and options.max_batch == 4  # application args override the env's flags
     assert options.allow_image_host == ["a.example", "b.example"] and options.think
     placed = on_ray.deployment_options(options)
     assert placed["max_ongoing_requests"] == 4 + 64 and placed["max_queued_requests"] == 64
