@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -193,31 +192,6 @@ def test_the_openai_client_gets_the_in_process_answers(cluster, http, tiny_pipe)
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Describe a fox"}],
                                             max_tokens=8, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
-
-
-def test_a_client_that_hangs_up_cancels_its_job(cluster, http):
-    host, port = cluster.removeprefix("http://").split(":")
-    body = json.dumps({"prompt": "endless", "size": "32x32", "num_inference_steps": 1000, "model": MODEL}).encode()
-    with socket.create_connection((host, int(port)), timeout=BOUND) as raw:
-        raw.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        running_seen = poll_replicas(http, lambda states: any(h["running"] for h in states.values()))
-    # The proxy sees the hang-up and cancels the request; the replica's engine stops the job.
-    states = poll_replicas(http, lambda states: len(states) == 2 and not any(h["running"] for h in states.values()))
-    assert running_seen and sum(h["cancelled"] for h in states.values()) >= 1, states
-
-
-def poll_replicas(http: httpx.Client, condition, timeout: float = BOUND) -> dict[str, dict]:
-    """/health of each replica (Ray picks one per request) until ``condition(latest per replica)`` holds."""
-    states: dict[str, dict] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        response = http.get("/health")
-        states[replica_id(response)] = response.json()
-        if condition(states):
-            return states
-        time.sleep(0.1)
-    raise AssertionError(f"the replicas never got there: {states}")
 
 
 def test_forty_requests_from_eight_clients_use_both_replicas(http, tiny_pipe):
