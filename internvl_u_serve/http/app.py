@@ -509,9 +509,16 @@ def serve_forever(server: OpenAIServer, *, host: str, port: int, log_level: str 
 
 
 async def _cancel_on_disconnect(request: Request, job: Job, engine: Engine) -> None:
-    """After the body, the next ASGI message is the client's disconnect (or nothing)."""
+    """After the body, the next ASGI message is the client's disconnect (or nothing).
+
+    A ``receive`` that fails means the client can no longer be reached (Ray Serve's proxy has
+    dropped a request whose client hung up): that is a disconnect too.
+    """
     while True:
-        message = await request.receive()
+        try:
+            message = await request.receive()
+        except Exception:  # noqa: BLE001 - any failure to reach the client ends its job
+            message = {"type": "http.disconnect"}
         if message["type"] == "http.disconnect":
             engine.cancel(job)
             return
