@@ -216,7 +216,7 @@ def test_a_replica_killed_mid_load_loses_nothing(http, cluster, tiny_pipe, caplo
     def raw_client(index: int) -> None:
         while not stop.is_set():
             started = time.monotonic()
-            response = draw(http, 100 + index, steps=4)
+            response = draw(http, 100 + index, steps=20)  # long jobs: the victim is surely mid-job
             with lock:
                 outcomes.append((response.status_code, response.headers.get("retry-after"), time.monotonic() - started))
 
@@ -259,8 +259,19 @@ def test_a_replica_killed_mid_load_loses_nothing(http, cluster, tiny_pipe, caplo
     assert seen & (set(after) - set(before)), f"the new replica never answered: {seen}, {after}"
 
 
+def until_both_replicas_answer(http: httpx.Client) -> None:
+    """Quick draws until both replicas have answered (the proxy has caught up with a restart)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + BOUND
+    while len(seen) < 2 and time.monotonic() < deadline:
+        with ThreadPoolExecutor(2) as pool:
+            seen |= {replica_id(r) for r in pool.map(lambda seed: draw(http, seed), (3, 4))}
+    assert len(seen) == 2, seen
+
+
 def test_downscale_drains_running_jobs(http, tiny_pipe):
     wait_for_replicas(2)
+    until_both_replicas_answer(http)
     slow = {"prompt": "a slow fox", "size": "32x32", "num_inference_steps": 30, "seed": 9, "model": MODEL}
     with ThreadPoolExecutor(4) as pool:
         running = [pool.submit(http.post, "/v1/images/generations", json=slow) for _ in range(4)]
