@@ -161,7 +161,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def resolve_source(source: str | os.PathLike, *, local_files_only: bool = False) -> Path:
     """A local adapter file, or ``owner/repo[/file.safetensors]`` on the Hugging Face hub, downloaded."""
     path = Path(source).expanduser()
-    if path.exists() or local_files_only or not re.fullmatch(r"[\w.-]+/[\w.-]+(/.+\.safetensors)?", str(source)):
+    if path.exists() or local_files_only or not is_hub_source(str(source)):
         return path
     from huggingface_hub import hf_hub_download, list_repo_files
 
@@ -182,6 +182,16 @@ def resolve_source(source: str | os.PathLike, *, local_files_only: bool = False)
         raise
     except Exception as exc:  # network and hub errors: say what was tried
         raise ModelLoadError(f"cannot fetch LoRA {source!r} from the hub: {exc}") from exc
+
+
+def is_hub_source(text: str) -> bool:
+    """``owner/repo`` or ``owner/repo/file.safetensors`` (a two-part ``dir/file.safetensors`` is a local path)."""
+    parts = text.split("/")
+    if len(parts) < 2 or text.startswith((".", "/", "~")) or not all(parts):
+        return False
+    if len(parts) == 2:
+        return not parts[1].endswith(".safetensors") and all(re.fullmatch(r"[\w.-]+", p) for p in parts)
+    return text.endswith(".safetensors") and all(re.fullmatch(r"[\w.-]+", p) for p in parts[:2])
 
 
 def split_components(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -10,14 +10,14 @@ import contextlib
 import os
 import sys
 
-from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
+from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, apply_lora_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
 from internvl_u_core.remote import API_KEY_ENV, is_server_url
 
 #: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
 #: False or "auto".
 _LOADING_OPTIONS = {"dtype": "--dtype", "device": "--device", "offline": "--offline", "revision": "--revision",
-                    "quantize": "--quantize", "offload": "--offload"}
+                    "quantize": "--quantize", "offload": "--offload", "lora": "--lora"}
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
@@ -77,7 +77,9 @@ def load_pipeline(args: argparse.Namespace, command: str):
 
     # MCP's stdio mode speaks on stdout: nothing printed while loading may reach it.
     with contextlib.redirect_stdout(sys.stderr):
-        return InternVLUPipeline.from_pretrained(
+        pipe = InternVLUPipeline.from_pretrained(
             args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
             revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
         )
+        apply_lora_options(pipe, args, progress)
+        return pipe
