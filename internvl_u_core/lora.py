@@ -328,6 +328,7 @@ class AdapterSet:
              *, local_files_only: bool = False) -> str:
         """Check and load an adapter file (or hub id) and switch it on at ``scale``; returns its name."""
         scale = check_scale(scale, "scale")
+        require_peft()
         self.check_supported()
         path = resolve_source(source, local_files_only=local_files_only)
         name = adapter_name if adapter_name is not None else default_adapter_name(path, self.loaded)
@@ -438,6 +439,14 @@ class AdapterSet:
                 module._hf_peft_config_loaded = False
             if hasattr(module, "peft_config"):
                 del module.peft_config
+
+
+def require_peft() -> None:
+    """LoRA needs peft; say how to install it instead of failing deep inside diffusers."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise InvalidInputError('LoRA adapters need peft: pip install "peft>=0.17" (the [lora] extra)')
 
 
 def _enable(module: torch.nn.Module, enabled: bool) -> None:

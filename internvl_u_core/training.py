@@ -412,6 +412,7 @@ def train_lora(
     from tqdm.auto import tqdm
 
     say = log or (lambda message: logger.info(message))
+    adapters.require_peft()
     config.check()
     samples = config.scan()
     out = Path(config.out).expanduser()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ class InternVLUModel:
         self._pipe: Any = None
         self._patcher: Any = None
         self._lock = threading.RLock()
+        self._adapter_names: dict[tuple[str, float], str] = {}  # (LoRA file, its mtime) -> name in the pipeline
 
     def __repr__(self) -> str:
         state = "loaded" if self._pipe is not None else "not loaded"
@@ -111,10 +113,15 @@ class InternVLUModel:
         self._pipe = pipe
 
     @contextmanager
-    def use(self) -> Iterator[Any]:
-        """The pipeline on its run device for one job; offloads afterwards if so configured."""
+    def use(self, loras: tuple[tuple[str, float], ...] = ()) -> Iterator[Any]:
+        """The pipeline on its run device for one job; offloads afterwards if so configured.
+
+        ``loras``: ``(adapter file, strength)`` pairs switched on for this job (the LoRA node's handles
+        pass them); every other loaded adapter is off, so a branch without LoRA nodes gets the base model.
+        """
         with self._lock:
             pipe = self.pipeline()
+            self._activate_loras(pipe, loras)
             if self._patcher is not None:
                 memory.load(self._patcher)
             elif pipe.offload_mode is None:
@@ -124,6 +131,20 @@ class InternVLUModel:
             finally:
                 if self.settings.memory == OFFLOAD_AFTER_RUN:
                     self.offload()
+
+    def _activate_loras(self, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
+        """Load the adapter files not loaded yet (again if changed on disk) and switch on exactly ``loras``."""
+        if not loras and not len(pipe.loras):
+            return
+        scales: dict[str, float] = {}
+        for path, strength in loras:
+            key = (path, os.path.getmtime(path))
+            name = self._adapter_names.get(key)
+            if name is None:
+                name = pipe.load_lora(path, adapter_name=f"comfy_{len(self._adapter_names)}", scale=0.0)
+                self._adapter_names[key] = name
+            scales[name] = scales.get(name, 0.0) + strength
+        pipe.set_loras(scales)
 
     def offload(self) -> None:
         """Free the accelerator: move the weights to the offload device (they stay in RAM)."""
@@ -144,6 +165,7 @@ class InternVLUModel:
             self.offload()
             self._pipe = None
             self._patcher = None
+            self._adapter_names.clear()
             gc.collect()
             memory.empty_cache()
 
@@ -164,6 +186,20 @@ class ModelHandle(Protocol):
         """The model for one job: ``understand``, ``understand_each``, ``reason``, ``generate``, ``edit``
         and ``decode_latents_preview``, as ``InternVLUPipeline`` has them."""
         ...
+
+    def _activate_loras(self, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
+        """Load the adapter files not loaded yet (again if changed on disk) and switch on exactly ``loras``."""
+        if not loras and not len(pipe.loras):
+            return
+        scales: dict[str, float] = {}
+        for path, strength in loras:
+            key = (path, os.path.getmtime(path))
+            name = self._adapter_names.get(key)
+            if name is None:
+                name = pipe.load_lora(path, adapter_name=f"comfy_{len(self._adapter_names)}", scale=0.0)
+                self._adapter_names[key] = name
+            scales[name] = scales.get(name, 0.0) + strength
+        pipe.set_loras(scales)
 
     def offload(self) -> None:
         """Free the accelerator."""
