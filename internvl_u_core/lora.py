@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,7 +402,9 @@ class AdapterSet:
 
     def _inject(self, part: str, module, name: str, weights: dict, config: dict) -> None:
         if part == DIT_PREFIX:
-            module.load_lora_adapter(dict(weights), prefix=None, adapter_name=name, metadata=config)
+            with warnings.catch_warnings():  # several adapters in one model is what we want
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                module.load_lora_adapter(dict(weights), prefix=None, adapter_name=name, metadata=config)
         else:
             from peft import LoraConfig
 
