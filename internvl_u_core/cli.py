@@ -173,8 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_command(sub) -> None:
     """``train-lora``: a LoRA for the DiT from a captioned folder or edit pairs (``internvl_u_core.training``)."""
-    from .lora import DEFAULT_TARGETS
-
     train = sub.add_parser(
         "train-lora", help="train a LoRA adapter from a folder of captioned images or edit pairs",
         description="Train a LoRA on the DiT with the model's own flow-matching objective. The data are checked "
@@ -203,9 +201,9 @@ def _add_train_command(sub) -> None:
     lora = train.add_argument_group("LoRA and optimiser")
     lora.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
-    lora.add_argument("--targets", default=",".join(DEFAULT_TARGETS), metavar="MODULES",
-                      help="comma-separated DiT layer names (suffixes) to adapt (default: every attention and MLP "
-                           "projection of both streams)")
+    lora.add_argument("--targets", default=None, metavar="MODULES",
+                      help="comma-separated DiT layer names (suffixes) to adapt, e.g. to_q,to_k,to_v,to_out.0 "
+                           "(default: every attention and MLP projection of both streams)")
     lora.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
     lora.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
     lora.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
@@ -229,6 +227,7 @@ def _add_train_command(sub) -> None:
 
 def run_train(args) -> int:
     """Check the data and options (before loading anything), train, and print where the adapter is."""
+    from .lora import DEFAULT_TARGETS
     from .training import TrainConfig, train_lora, write_loss_log
 
     if not args.model:
@@ -236,7 +235,7 @@ def run_train(args) -> int:
     config = TrainConfig(
         model=args.model, out=args.out, data=args.data, edit_pairs=args.edit_pairs, rank=args.rank,
         alpha=float(args.alpha if args.alpha is not None else args.rank),
-        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else DEFAULT_TARGETS,
         learning_rate=args.lr, steps=args.steps, batch_size=args.batch, seed=args.seed, resolution=args.resolution,
         max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt), sample_seed=args.sample_seed,
