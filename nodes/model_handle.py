@@ -129,6 +129,8 @@ class InternVLUModel:
             try:
                 yield pipe
             finally:
+                if loras:  # between jobs the shared pipeline is the base model
+                    pipe.set_loras({})
                 if self.settings.memory == OFFLOAD_AFTER_RUN:
                     self.offload()
 

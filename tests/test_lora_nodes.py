@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 
 from conftest import TINY_CHECKPOINT, get_pipeline  # noqa: E402
 from lora_helpers import combined_adapter, dit_adapter  # noqa: E402
+
 from nodes import all_specs  # noqa: E402
 from nodes.lora_nodes import LoraModel  # noqa: E402
 
