@@ -13,14 +13,7 @@ import os
 import sys
 
 from internvl_u_core.options import API_KEY_ENV
-from internvl_u_serve.common import (
-    add_limit_options,
-    add_model_options,
-    apply_limits,
-    load_pipeline,
-    model_problem,
-    served_name,
-)
+from internvl_u_serve.common import add_model_options, load_pipeline, model_problem
 
 MISSING_EXTRA = (
     'internvl-u serve: error: the server needs the [serve] extra: pip install -e ".[serve]" in your clone, '
@@ -44,14 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
     net.add_argument("--port", type=_bounded(1, 65535, "a TCP port"), default=8091, help="TCP port (default: 8091)")
     net.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                     help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, "
-                          "else none)")
-    net.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                     help="without --api-key, answer requests whose Host header is NAME too; repeat for several "
-                          "(default: only the bound address and localhost, against DNS rebinding)")
+                     help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, else none)")
     net.add_argument("--served-model-name", default=None, metavar="NAME",
-                     help="the model name clients send and /v1/models lists (default: the hub id, or the "
-                          "checkpoint folder's own name)")
+                     help="the model name clients send and /v1/models lists (default: the --model value)")
     net.add_argument("--max-batch", type=_bounded(1, 64, "a batch size"), default=1,
                      help="draw up to N queued images that share size, steps and scales in one denoising pass; "
                           "each keeps the exact pixels it gets alone (default: 1, no batching)")
@@ -69,7 +57,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="on SIGTERM, running requests get this long to finish before they are cancelled "
                           "(default: 30)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    add_limit_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -84,33 +71,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from .app import AddressUnavailable, OpenAIServer, allowed_hosts_for, bind, serve_forever
+    from .app import OpenAIServer, serve_forever
     from .engine import Engine
     from .protocol import ServerSettings
 
+    pipe = load_pipeline(args, "serve")
+    engine = Engine(pipe, max_queue=args.max_queue, max_batch=args.max_batch)
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model, limits=pipe.limits, think=args.think,
+        allowed_image_hosts=frozenset(host.lower() for host in args.allow_image_host),
+    )
+    server = OpenAIServer(engine, settings, api_key=args.api_key or None,
+                          max_body_bytes=args.max_body_mb * 1024 * 1024)
     try:
-        sock = bind(args.host, args.port)  # before the weights load: a taken port fails in a second
-    except AddressUnavailable as exc:
-        print(f"internvl-u serve: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        pipe = load_pipeline(args, "serve")
-        apply_limits(args, pipe.limits)
-        engine = Engine(pipe, max_queue=args.max_queue, max_batch=args.max_batch)
-        settings = ServerSettings(
-            model_name=args.served_model_name or served_name(args.model), limits=pipe.limits, think=args.think,
-            allowed_image_hosts=frozenset(host.lower() for host in args.allow_image_host),
-        )
-        server = OpenAIServer(engine, settings, api_key=args.api_key or None,
-                              max_body_bytes=args.max_body_mb * 1024 * 1024,
-                              allowed_hosts=allowed_hosts_for(args.host, args.allow_host))
-        try:
-            serve_forever(server, host=args.host, port=args.port, log_level=args.log_level,
-                          shutdown_timeout=args.shutdown_timeout, sock=sock)
-        finally:
-            engine.close()
+        serve_forever(server, host=args.host, port=args.port, log_level=args.log_level,
+                      shutdown_timeout=args.shutdown_timeout)
     finally:
-        sock.close()
+        engine.close()
     return 0
 
 
