@@ -152,6 +152,6 @@ LORA = NodeSpec(
             step=0.05,
         ),
     ),
-    outputs=(OutputSpec("model", MODEL_TYPE, "The model with the adapter; the input model stays without it."),),
+    outputs=(OutputSpec("lora_model", MODEL_TYPE, "The model with the adapter; the input model stays without it."),),
     run=apply_lora,
 )
