@@ -318,12 +318,14 @@ def test_object_info_lists_every_node(server: Server) -> None:
             assert options.get("tooltip") == inp.tooltip
             if inp.type == "COMBO":
                 choices = kind if isinstance(kind, list) else options["options"]
-                assert choices == inp.option_list() or inp.name == "checkpoint"
+                assert choices == inp.option_list() or inp.name in ("checkpoint", "lora_name")  # the server's folders
             else:
                 assert kind == inp.type
     assert "InternVL-U" in info["InternVLU_Loader"]["input"]["required"]["checkpoint"][1].get(
         "options", info["InternVLU_Loader"]["input"]["required"]["checkpoint"][0]
     )
+    lora_name = info["InternVLU_LoRA"]["input"]["required"]["lora_name"]
+    assert EXAMPLE_LORA in lora_name[1].get("options", lora_name[0])  # models/internvl_u_loras is listed
     for name, core in CORE_NODES.items():  # the table the workflow tests rely on
         node = info[name]
         order = node["input_order"]["required"] + node["input_order"].get("optional", [])
