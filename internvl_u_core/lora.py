@@ -293,6 +293,7 @@ class LoadedAdapter:
     source: str
     info: AdapterInfo | None
     components: tuple[str, ...]
+    mtime: float = 0.0  # the file's modification time when it was loaded
 
 
 class AdapterSet:
@@ -360,7 +361,7 @@ class AdapterSet:
             if isinstance(exc, (InvalidInputError, ModelLoadError)):
                 raise
             raise ModelLoadError(f"cannot load LoRA {source_text}: {exc}") from exc
-        self.loaded[name] = LoadedAdapter(name, source_text, info, tuple(parts))
+        self.loaded[name] = LoadedAdapter(name, source_text, info, tuple(parts), path.stat().st_mtime)
         self.active[name] = scale
         self._apply()
         return name
@@ -375,6 +376,23 @@ class AdapterSet:
             )
         self.active = {name: check_scale(value, f"scale of {name!r}") for name, value in pairs.items()}
         self._apply()
+
+    def activate_files(self, choices: Iterable[tuple[str | os.PathLike, float]]) -> None:
+        """Exactly these adapter files on, at these scales, loading the ones not loaded yet (or changed on disk).
+
+        What a surface that names adapters per job calls (the ComfyUI node's handles, the agent tools,
+        the HTTP server); the same file twice adds its scales.
+        """
+        scales: dict[str, float] = {}
+        for source, scale in choices:
+            path = Path(source).expanduser().resolve()
+            entry = next((e for e in self.loaded.values() if Path(e.source).resolve() == path), None)
+            if entry is not None and path.is_file() and path.stat().st_mtime != entry.mtime:
+                self.remove(entry.name)  # the file was rewritten (e.g. by a new training run)
+                entry = None
+            name = entry.name if entry is not None else self.load(path, scale=0.0)
+            scales[name] = scales.get(name, 0.0) + check_scale(scale)
+        self.set_active(scales)
 
     def remove(self, adapter_name: str | None = None) -> None:
         """Unload one adapter (or all); with none left the layers are unwrapped: the exact base model."""

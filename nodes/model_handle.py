@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -70,7 +69,6 @@ class InternVLUModel:
         self._pipe: Any = None
         self._patcher: Any = None
         self._lock = threading.RLock()
-        self._adapter_names: dict[tuple[str, float], str] = {}  # (LoRA file, its mtime) -> name in the pipeline
 
     def __repr__(self) -> str:
         state = "loaded" if self._pipe is not None else "not loaded"
@@ -135,18 +133,9 @@ class InternVLUModel:
                     self.offload()
 
     def _activate_loras(self, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
-        """Load the adapter files not loaded yet (again if changed on disk) and switch on exactly ``loras``."""
-        if not loras and not len(pipe.loras):
-            return
-        scales: dict[str, float] = {}
-        for path, strength in loras:
-            key = (path, os.path.getmtime(path))
-            name = self._adapter_names.get(key)
-            if name is None:
-                name = pipe.load_lora(path, adapter_name=f"comfy_{len(self._adapter_names)}", scale=0.0)
-                self._adapter_names[key] = name
-            scales[name] = scales.get(name, 0.0) + strength
-        pipe.set_loras(scales)
+        """Switch on exactly ``loras`` (the core loads the files it has not loaded yet)."""
+        if loras or len(pipe.loras):
+            pipe.loras.activate_files(loras)
 
     def offload(self) -> None:
         """Free the accelerator: move the weights to the offload device (they stay in RAM)."""
@@ -167,7 +156,6 @@ class InternVLUModel:
             self.offload()
             self._pipe = None
             self._patcher = None
-            self._adapter_names.clear()
             gc.collect()
             memory.empty_cache()
 
@@ -188,20 +176,6 @@ class ModelHandle(Protocol):
         """The model for one job: ``understand``, ``understand_each``, ``reason``, ``generate``, ``edit``
         and ``decode_latents_preview``, as ``InternVLUPipeline`` has them."""
         ...
-
-    def _activate_loras(self, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
-        """Load the adapter files not loaded yet (again if changed on disk) and switch on exactly ``loras``."""
-        if not loras and not len(pipe.loras):
-            return
-        scales: dict[str, float] = {}
-        for path, strength in loras:
-            key = (path, os.path.getmtime(path))
-            name = self._adapter_names.get(key)
-            if name is None:
-                name = pipe.load_lora(path, adapter_name=f"comfy_{len(self._adapter_names)}", scale=0.0)
-                self._adapter_names[key] = name
-            scales[name] = scales.get(name, 0.0) + strength
-        pipe.set_loras(scales)
 
     def offload(self) -> None:
         """Free the accelerator."""
