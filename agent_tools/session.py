@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from agent_tools.images import ImageStore
@@ -48,6 +51,47 @@ class ToolLimits:
                 raise ValueError(msg)
 
 
+def check_lora_list(loras: Mapping[str, str | os.PathLike[str]], served: bool) -> dict[str, Path]:
+    """The operator's adapters (name -> .safetensors file): names the agent may use, files that exist."""
+    if loras and served:
+        raise ValueError("loras apply to a model loaded here; a served model's adapters are set up on its server")
+    checked: dict[str, Path] = {}
+    for name, source in loras.items():
+        path = Path(source).expanduser()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(name)):
+            raise ValueError(f"LoRA name {name!r}: use 1-64 letters, digits, '_' or '-'")
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ValueError(f"LoRA {name!r}: {path} is not a .safetensors file")
+        checked[name] = path.resolve()
+    return checked
+
+
+def lora_choices(session: InternVLUSession, choices) -> list[tuple[Path, float]]:
+    """The agent's ``loras`` argument → files and scales; names outside the operator's list are refused."""
+    from langchain_core.tools import ToolException
+
+    picked = []
+    for choice in choices or []:
+        if choice.name not in session.loras:
+            offered = ", ".join(sorted(session.loras)) or "none are configured"
+            raise ToolException(f"LoRA {choice.name!r} is not available; choose from: {offered}.")
+        picked.append((session.loras[choice.name], choice.scale))
+    return picked
+
+
+@contextmanager
+def loras_on(pipeline: Any, picked: list[tuple[Path, float]]):
+    """The picked adapters on for one job, all off afterwards (the next job starts from the base model)."""
+    if not picked:
+        yield
+        return
+    pipeline.loras.activate_files(picked)
+    try:
+        yield
+    finally:
+        pipeline.set_loras({})
+
+
 class InternVLUSession:
     """One model, one output folder, one set of ids: what a toolkit's tools share.
 
@@ -77,8 +121,10 @@ class InternVLUSession:
         thumbnail_size: int = 256,
         api_key: str | None = None,
         timeout: float = 600.0,
+        loras: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> None:
         self.limits = limits or ToolLimits()
+        self.loras = check_lora_list(loras or {}, served=is_server_url(model))
         if is_server_url(model):
             if load_kwargs:
                 msg = f"load_kwargs apply to a model loaded here; the served model at {model} is set up on its server"

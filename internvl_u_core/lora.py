@@ -483,7 +483,9 @@ def _delete_adapter(part: str, module, name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if part == DIT_PREFIX and name in getattr(module, "peft_config", {}):
-        module.delete_adapters(name)
+        with warnings.catch_warnings():  # peft announces which adapter it makes active next; we set that ourselves
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            module.delete_adapters(name)
         return
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer) and name in layer.lora_A:

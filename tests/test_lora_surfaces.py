@@ -1,0 +1,70 @@
+"""Adapters through the agent toolkit: only the operator's list, by name; the base model between jobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import get_pipeline
+from lora_helpers import dit_adapter, pixels
+from PIL import Image
+
+pytest.importorskip("langchain_core")
+
+from agent_tools import InternVLUToolkit  # noqa: E402
+
+FAST = {"width": 32, "height": 32, "steps": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pipe():
+    pipe = get_pipeline("internvlu-tiny")
+    yield pipe
+    if len(pipe.loras):
+        pipe.remove_lora()
+
+
+def _call(kit: InternVLUToolkit, name: str, **args):
+    tool = next(t for t in kit.get_tools() if t.name == name)
+    return tool.invoke({"name": name, "args": args, "id": "call_1", "type": "tool_call"})
+
+
+def test_the_agent_names_adapters_from_the_operators_list(pipe, tmp_path: Path) -> None:
+    style = dit_adapter(pipe, tmp_path / "style.safetensors", seed=3)
+    kit = InternVLUToolkit(model=pipe, output_dir=tmp_path / "out", loras={"watercolour": style})
+    generate = next(t for t in kit.get_tools() if t.name == "generate_image")
+    assert "watercolour" in generate.description and str(style) not in generate.description
+
+    base = pixels(pipe.generate("a fox", seed=4, **FAST))
+    drawn = _call(kit, "generate_image", prompt="a fox", seed=4, loras=[{"name": "watercolour", "scale": 0.7}], **FAST)
+    assert drawn.status == "success", drawn.content
+    pipe.load_lora(style, adapter_name="check", scale=0.7)
+    expected = pixels(pipe.generate("a fox", seed=4, **FAST))
+    pipe.remove_lora("check")
+    got = pixels([Image.open(drawn.artifact["images"][0]["path"])])
+    assert np.array_equal(got, expected) and not np.array_equal(got, base)
+    # The next job without loras is the base model again.
+    plain = _call(kit, "generate_image", prompt="a fox", seed=4, **FAST)
+    assert np.array_equal(pixels([Image.open(plain.artifact["images"][0]["path"])]), base)
+
+
+def test_names_outside_the_list_and_paths_are_refused(pipe, tmp_path: Path) -> None:
+    style = dit_adapter(pipe, tmp_path / "style.safetensors")
+    kit = InternVLUToolkit(model=pipe, output_dir=tmp_path / "out", loras={"style": style})
+    for name in ("../style.safetensors", "other"):
+        refused = _call(kit, "generate_image", prompt="a fox", loras=[{"name": name}], **FAST)
+        assert refused.status == "error" and "choose from: style" in refused.content
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        InternVLUToolkit(model=pipe, output_dir=tmp_path / "out", loras={"x": tmp_path / "missing.safetensors"})
+    with pytest.raises(ValueError, match="served model"):
+        InternVLUToolkit(model="http://127.0.0.1:9", output_dir=tmp_path / "out", loras={"style": style})
