@@ -51,6 +51,7 @@ def measure(checkpoint: Path, *, size: int, device: str, dtype: str, rank: int, 
     from internvl_u_core import InternVLUPipeline, lora, training
 
     torch.set_num_threads(threads)
+    load_at_start = os.getloadavg()[0]
     cuda = device.startswith("cuda")
     weight_dtype = getattr(torch, dtype)
     accelerator = Accelerator(mixed_precision="bf16" if cuda and weight_dtype == torch.bfloat16 else "no", cpu=not cuda)
@@ -119,6 +120,7 @@ def measure(checkpoint: Path, *, size: int, device: str, dtype: str, rank: int, 
         # CUDA: allocated GiB (model + LoRA + optimiser + activations); CPU: the process's peak RSS.
         "memory_before_training_gib": round(before, 3), "peak_memory_gib": round(peak, 3),
         "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+        "load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)],  # a busy machine slows the steps
     }
 
 
