@@ -68,3 +68,52 @@ def test_names_outside_the_list_and_paths_are_refused(pipe, tmp_path: Path) -> N
         InternVLUToolkit(model=pipe, output_dir=tmp_path / "out", loras={"x": tmp_path / "missing.safetensors"})
     with pytest.raises(ValueError, match="served model"):
         InternVLUToolkit(model="http://127.0.0.1:9", output_dir=tmp_path / "out", loras={"style": style})
+
+
+def test_the_server_takes_lora_only_from_its_lora_dirs(pipe, tmp_path: Path) -> None:
+    pytest.importorskip("starlette")
+    import base64
+    import io
+
+    from starlette.testclient import TestClient
+
+    from internvl_u_serve.http.app import OpenAIServer
+    from internvl_u_serve.http.engine import Engine
+    from internvl_u_serve.http.protocol import ServerSettings
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    style = dit_adapter(pipe, folder / "style.safetensors", seed=6)
+    outside = dit_adapter(pipe, tmp_path / "outside.safetensors", seed=7)
+    engine = Engine(pipe)
+    settings = ServerSettings(model_name="tiny", limits=pipe.limits, lora_dirs=(folder,))
+    client = TestClient(OpenAIServer(engine, settings).app)
+    body = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 2, "seed": 4}
+
+    def draw(**extra):
+        reply = client.post("/v1/images/generations", json=body | extra)
+        if reply.status_code != 200:
+            return reply.status_code, reply.json()["error"]["message"]
+        data = base64.b64decode(reply.json()["data"][0]["b64_json"])
+        return 200, pixels([Image.open(io.BytesIO(data)).convert("RGB")])
+
+    try:
+        status, base = draw()
+        assert status == 200
+        status, styled = draw(lora={"name": "style", "scale": 0.5})
+        assert status == 200 and not np.array_equal(styled, base)
+        pipe.load_lora(style, adapter_name="check", scale=0.5)
+        expected = pixels(pipe.generate("a fox", width=32, height=32, steps=2, seed=4))
+        pipe.remove_lora("check")
+        assert np.array_equal(styled, expected)
+        assert np.array_equal(draw(lora=[{"path": "style.safetensors", "scale": 0.5}])[1], styled)
+        assert np.array_equal(draw()[1], base), "a request without lora gets the base model"
+        for hostile in ({"path": str(outside)}, {"path": "../outside.safetensors"}, {"name": "../outside"},
+                        {"name": "missing"}, {"name": "style", "scale": 99}, "style"):
+            status, message = draw(lora=hostile)
+            assert status == 400 and "lora" in message, (hostile, message)
+        no_dirs = TestClient(OpenAIServer(engine, ServerSettings(model_name="tiny", limits=pipe.limits)).app)
+        reply = no_dirs.post("/v1/images/generations", json=body | {"lora": {"name": "style"}})
+        assert reply.status_code == 400 and "--lora-dir" in reply.json()["error"]["message"]
+    finally:
+        engine.drain(0)

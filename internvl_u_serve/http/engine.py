@@ -10,6 +10,7 @@ stopped at its next step (a batch stops when all of its jobs are cancelled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
@@ -66,6 +67,7 @@ class DrawWork:
     think: dict | None = None
     previews: int = 0  # partial images to stream (0: progress events only, when streaming)
     stream: bool = False
+    loras: tuple[tuple[str, float], ...] | None = None  # adapter files and scales (None: the server's own)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -77,7 +79,7 @@ class DrawWork:
             width = self.images[0].width if width is None else width
             height = self.images[0].height if height is None else height
         settings = tuple(sorted((k, v) for k, v in self.settings.items() if k not in ("width", "height")))
-        return bool(self.images), self.reasoning is not None, width, height, self.system_prompt, settings
+        return bool(self.images), self.reasoning is not None, width, height, self.system_prompt, settings, self.loras
 
 
 @dataclass
@@ -269,12 +271,13 @@ class Engine:
 
         started = time.perf_counter()
         try:
-            pictures = self.pipe.generate_batch(
-                [w.prompt for w in works], [w.seed for w in works],
-                images=[w.images for w in works] if first.images else None,
-                reasonings=[w.reasoning for w in works] if first.reasoning is not None else None,
-                system_prompt=first.system_prompt, callback=callback, **first.settings,
-            )
+            with self._loras(first.loras):
+                pictures = self.pipe.generate_batch(
+                    [w.prompt for w in works], [w.seed for w in works],
+                    images=[w.images for w in works] if first.images else None,
+                    reasonings=[w.reasoning for w in works] if first.reasoning is not None else None,
+                    system_prompt=first.system_prompt, callback=callback, **first.settings,
+                )
         except BaseException as exc:
             if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
                 logger.exception("batch failed")
@@ -337,11 +340,25 @@ class Engine:
             seed=work.seed, num_images=work.num_images, reasoning=reasoning, system_prompt=work.system_prompt,
             callback=callback, **work.settings,
         )
-        if work.images:
-            pictures = self.pipe.edit(work.images, work.prompt, **common)
-        else:
-            pictures = self.pipe.generate(work.prompt, **common)
+        with self._loras(work.loras):
+            if work.images:
+                pictures = self.pipe.edit(work.images, work.prompt, **common)
+            else:
+                pictures = self.pipe.generate(work.prompt, **common)
         return DrawResult(pictures, thought)
+
+    @contextlib.contextmanager
+    def _loras(self, chosen: tuple[tuple[str, float], ...] | None):
+        """A request's adapters on for its draw; afterwards the server's own (``--lora``) again."""
+        if chosen is None:
+            yield
+            return
+        own = self.pipe.loras.describe()
+        self.pipe.loras.activate_files(chosen)
+        try:
+            yield
+        finally:
+            self.pipe.set_loras(own)
 
     def _progress(self, job: Job, step: int, total: int, latents) -> None:
         work = job.work
