@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +11,7 @@ from typing import Any, Literal
 from agent_tools.images import ImageStore
 from agent_tools.reasonings import ReasoningStore
 from agent_tools.runner import PipelineRunner
-from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, RemoteInternVLU
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, InvalidInputError, RemoteInternVLU, lora
 from internvl_u_core.remote import is_server_url
 
 ReturnImages = Literal["none", "thumbnail", "full"]
@@ -52,44 +50,28 @@ class ToolLimits:
 
 
 def check_lora_list(loras: Mapping[str, str | os.PathLike[str]], served: bool) -> dict[str, Path]:
-    """The operator's adapters (name -> .safetensors file): names the agent may use, files that exist."""
+    """The operator's adapters (name -> .safetensors file) the agent may name (checked by the core)."""
     if loras and served:
         raise ValueError("loras apply to a model loaded here; a served model's adapters are set up on its server")
-    checked: dict[str, Path] = {}
-    for name, source in loras.items():
-        path = Path(source).expanduser()
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(name)):
-            raise ValueError(f"LoRA name {name!r}: use 1-64 letters, digits, '_' or '-'")
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise ValueError(f"LoRA {name!r}: {path} is not a .safetensors file")
-        checked[name] = path.resolve()
-    return checked
+    try:
+        return lora.named_adapters(loras)
+    except InvalidInputError as error:
+        raise ValueError(str(error)) from error
 
 
 def lora_choices(session: InternVLUSession, choices) -> list[tuple[Path, float]]:
     """The agent's ``loras`` argument → files and scales; names outside the operator's list are refused."""
     from langchain_core.tools import ToolException
 
-    picked = []
-    for choice in choices or []:
-        if choice.name not in session.loras:
-            offered = ", ".join(sorted(session.loras)) or "none are configured"
-            raise ToolException(f"LoRA {choice.name!r} is not available; choose from: {offered}.")
-        picked.append((session.loras[choice.name], choice.scale))
-    return picked
-
-
-@contextmanager
-def loras_on(pipeline: Any, picked: list[tuple[Path, float]]):
-    """The picked adapters on for one job, all off afterwards (the next job starts from the base model)."""
-    if not picked:
-        yield
-        return
-    pipeline.loras.activate_files(picked)
     try:
-        yield
-    finally:
-        pipeline.set_loras({})
+        return lora.pick_named(session.loras, [(choice.name, choice.scale) for choice in choices or []])
+    except InvalidInputError as error:
+        raise ToolException(f"{error}.") from error
+
+
+def loras_on(pipeline: Any, picked: list[tuple[Path, float]]):
+    """The picked adapters on for one job; the next job starts from the adapters on before."""
+    return lora.adapters_on(pipeline, picked)
 
 
 class InternVLUSession:

@@ -17,6 +17,7 @@ callers that want different adapters (or none: the exact base outputs).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -460,6 +461,44 @@ class AdapterSet:
                 module._hf_peft_config_loaded = False
             if hasattr(module, "peft_config"):
                 del module.peft_config
+
+
+def named_adapters(choices: Mapping[str, str | os.PathLike]) -> dict[str, Path]:
+    """An operator's list of adapters an agent may name (``{name: file.safetensors}``), checked: names and files."""
+    checked: dict[str, Path] = {}
+    for name, source in choices.items():
+        path = Path(source).expanduser()
+        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+            raise InvalidInputError(f"LoRA name {name!r}: use 1-64 letters, digits, '_' or '-'")
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise InvalidInputError(f"LoRA {name!r}: {path} is not a .safetensors file")
+        checked[name] = path.resolve()
+    return checked
+
+
+def pick_named(named: Mapping[str, Path], picks: Iterable[tuple[str, float]]) -> list[tuple[Path, float]]:
+    """An agent's ``(name, scale)`` picks → files; a name outside the operator's list is refused."""
+    chosen = []
+    for name, scale in picks:
+        if name not in named:
+            offered = ", ".join(sorted(named)) or "none are configured"
+            raise InvalidInputError(f"LoRA {name!r} is not available; choose from: {offered}")
+        chosen.append((named[name], check_scale(scale)))
+    return chosen
+
+
+@contextlib.contextmanager
+def adapters_on(pipe, chosen: list[tuple[Path, float]]):
+    """The chosen adapter files on for one job; afterwards the adapters that were on before."""
+    if not chosen:
+        yield
+        return
+    before = pipe.loras.describe()
+    pipe.loras.activate_files(chosen)
+    try:
+        yield
+    finally:
+        pipe.set_loras(before)
 
 
 def require_peft() -> None:

@@ -117,3 +117,36 @@ def test_the_server_takes_lora_only_from_its_lora_dirs(pipe, tmp_path: Path) -> 
         assert reply.status_code == 400 and "--lora-dir" in reply.json()["error"]["message"]
     finally:
         engine.drain(0)
+
+
+def test_the_mcp_server_offers_only_the_operators_adapters(pipe, tmp_path: Path) -> None:
+    pytest.importorskip("mcp")
+    import anyio
+    from mcp.client import Client
+
+    from internvl_u_core import InvalidInputError
+    from internvl_u_serve.mcp.server import build_server
+
+    style = dit_adapter(pipe, tmp_path / "style.safetensors", seed=8)
+    server = build_server(pipe, tmp_path / "out", loras={"ink": style})
+
+    async def calls():
+        async with Client(server) as client:
+            tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+            styled = await client.call_tool("generate_image", {"prompt": "a fox", "seed": 4, **FAST,
+                                                               "loras": [{"name": "ink", "scale": 0.5}]})
+            refused = await client.call_tool("generate_image", {"prompt": "a fox", **FAST,
+                                                                "loras": [{"name": str(style)[:60]}]})
+            return tools, styled, refused
+
+    tools, styled, refused = anyio.run(calls)
+    assert "ink" in str(tools["generate_image"].input_schema) and str(style) not in str(tools["edit_image"].input_schema)
+    assert not styled.is_error and refused.is_error and "choose from: ink" in refused.content[0].text
+    saved = Path(styled.structured_content["images"][0]["path"])
+    pipe.load_lora(style, adapter_name="check", scale=0.5)
+    expected = pixels(pipe.generate("a fox", seed=4, **FAST))
+    pipe.remove_lora("check")
+    assert np.array_equal(pixels([Image.open(saved)]), expected)
+    assert not pipe.loras.describe(), "the base model between jobs"
+    with pytest.raises(InvalidInputError, match="not a .safetensors file"):
+        build_server(pipe, tmp_path / "out", loras={"x": tmp_path / "nope.safetensors"})

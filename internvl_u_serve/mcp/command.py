@@ -43,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "only images in --output-dir)",
     )
     parser.add_argument(
+        "--allow-lora", action="append", default=[], metavar="NAME=FILE",
+        help="a LoRA adapter clients may name in generate_image/edit_image (they see NAME, never the path); "
+             "repeat for several (default: none)",
+    )
+    parser.add_argument(
         "--http", type=_port, default=None, metavar="PORT",
         help=f"serve streamable HTTP at http://{HOST}:PORT/mcp instead of stdio",
     )
@@ -55,6 +60,20 @@ def run(args: argparse.Namespace) -> int:
         print(MISSING_SDK, file=sys.stderr)
         return 1
     problem = _check_folders(args)
+    loras: dict[str, str] = {}
+    for entry in args.allow_lora:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            problem = problem or f"--allow-lora {entry!r}: give NAME=FILE.safetensors"
+        loras[name] = path
+    if not problem and loras:
+        from internvl_u_core.errors import InvalidInputError
+        from internvl_u_core.lora import named_adapters
+
+        try:
+            named_adapters(loras)  # names and files checked before the model loads
+        except InvalidInputError as error:
+            problem = f"--allow-lora: {error}"
     if problem:
         print(f"internvl-u mcp: error: {problem}", file=sys.stderr)
         return 2
@@ -62,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from internvl_u_serve.mcp.server import build_server
 
-    server = build_server(load_model(args, "mcp"), args.output_dir, args.allowed_dir)
+    server = build_server(load_model(args, "mcp"), args.output_dir, args.allowed_dir, loras)
     if args.http is None:
         server.run("stdio")
     else:

@@ -18,7 +18,7 @@ content. Argument bounds come from the model's `limits` (`internvl_u_core.valida
 
 import base64
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Protocol
 
@@ -29,7 +29,7 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, T
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, random_seed
+from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, lora, random_seed
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
 from internvl_u_core.limits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
@@ -96,6 +96,7 @@ def build_server(
     model: InternVLUModel,
     output_dir: str | os.PathLike[str],
     allowed_dirs: Sequence[str | os.PathLike[str]] = (),
+    loras: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> MCPServer:
     """An MCP server offering understand_image, reason, generate_image and edit_image over `model`.
 
@@ -103,9 +104,13 @@ def build_server(
         model: a loaded `InternVLUPipeline`, or anything with its friendly methods and `limits`.
         output_dir: where generated and edited images are written as `<image_id>.png`.
         allowed_dirs: folders, besides `output_dir`, whose image files the client may name.
+        loras: LoRA adapters clients may name in generate_image/edit_image, `{name: file.safetensors}`
+            (a model loaded here only; clients see the names, never give paths).
     """
+    if loras and not hasattr(model, "loras"):
+        raise InvalidInputError("loras apply to a model loaded here; a served model's adapters are set up on its server")
     images = ImageStore(output_dir, allowed_dirs, max_input_pixels=model.limits.max_input_pixels)
-    tools = InternVLUTools(model, images, ReasoningStore(), JobRunner())
+    tools = InternVLUTools(model, images, ReasoningStore(), JobRunner(), lora.named_adapters(loras or {}))
     readable = ", ".join(str(folder) for folder in [*images.allowed_dirs, images.output_dir])
     server = MCPServer(
         "internvl-u",
@@ -122,14 +127,23 @@ def build_server(
     return server
 
 
+class LoraPick(BaseModel):
+    """One adapter from the server's list, and how strongly it acts."""
+
+    name: str = Field(min_length=1, max_length=64, description="An adapter name from the list in the description.")
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0, description="1 as trained, 0 not at all.")
+
+
 class InternVLUTools:
     """The four tools' work: resolve references, run the model one job at a time, present results."""
 
-    def __init__(self, model: InternVLUModel, images: ImageStore, reasonings: ReasoningStore, runner: JobRunner):
+    def __init__(self, model: InternVLUModel, images: ImageStore, reasonings: ReasoningStore, runner: JobRunner,
+                 loras: dict | None = None):
         self.model = model
         self.images = images
         self.reasonings = reasonings
         self.runner = runner
+        self.loras = loras or {}  # name -> adapter file, the operator's list
 
     async def understand(
         self, ctx: Context, refs: list[str], question: str, max_new_tokens: int | None
@@ -180,18 +194,18 @@ class InternVLUTools:
         return _result([TextContent(type="text", text=text)], result)
 
     async def generate(self, ctx: Context, prompt: str, seed: int | None, reasoning_id: str | None,
-                       **settings: Any) -> CallToolResult:
+                       loras: list[LoraPick] | None = None, **settings: Any) -> CallToolResult:
         def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
             return self.model.generate(prompt, **options)
 
-        return await self._draw(ctx, draw, [], seed, reasoning_id, settings)
+        return await self._draw(ctx, draw, [], seed, reasoning_id, settings, loras)
 
     async def edit(self, ctx: Context, refs: list[str], instruction: str, seed: int | None,
-                   reasoning_id: str | None, **settings: Any) -> CallToolResult:
+                   reasoning_id: str | None, loras: list[LoraPick] | None = None, **settings: Any) -> CallToolResult:
         def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
             return self.model.edit(images, instruction, **options)
 
-        return await self._draw(ctx, draw, refs, seed, reasoning_id, settings)
+        return await self._draw(ctx, draw, refs, seed, reasoning_id, settings, loras)
 
     async def _draw(
         self,
@@ -201,21 +215,24 @@ class InternVLUTools:
         seed: int | None,
         reasoning_id: str | None,
         settings: dict[str, Any],
+        loras: list[LoraPick] | None = None,
     ) -> CallToolResult:
         """Shared by generate and edit: resolve inputs, run `draw` on the model, save and present."""
         with _refusals_as_tool_errors():
             stored = None if reasoning_id is None else self.reasonings.get(reasoning_id)
+            chosen = lora.pick_named(self.loras, [(pick.name, pick.scale) for pick in loras or []])
             loaded = await self._load(refs)
             seed = _seed(seed)
 
             def job(step: StepReporter) -> list[Image.Image]:
-                return draw(
-                    [item.image for item in loaded],
-                    seed=seed,
-                    reasoning=stored.reasoning if stored else None,
-                    callback=lambda done, total, _latents: step("denoising", done, total),
-                    **_given(**settings),
-                )
+                with lora.adapters_on(self.model, chosen):
+                    return draw(
+                        [item.image for item in loaded],
+                        seed=seed,
+                        reasoning=stored.reasoning if stored else None,
+                        callback=lambda done, total, _latents: step("denoising", done, total),
+                        **_given(**settings),
+                    )
 
             pictures = await self.runner.run(job, ctx.report_progress)
         if loaded:
@@ -269,6 +286,12 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
 
     def text(description: str) -> Any:
         return Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, description=description)]
+
+    offered = ", ".join(sorted(tools.loras)) or "none on this server"
+    lora_picks = Annotated[
+        list[LoraPick] | None,
+        Field(max_length=8, description=f"LoRA adapters (styles, subjects) to apply, by name: {offered}."),
+    ]
 
     def input_images(description: str) -> Any:
         return Annotated[
@@ -386,9 +409,10 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         num_images: num_images = None,
         guidance_scale: guidance = None,
         reasoning_id: reasoning_id = None,
+        loras: lora_picks = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.generate(
-            ctx, prompt, seed, reasoning_id,
+            ctx, prompt, seed, reasoning_id, loras,
             width=width, height=height, steps=steps, num_images=num_images, all_cfg_scale=guidance_scale,
         )
 
@@ -416,9 +440,10 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         guidance_scale: guidance = None,
         image_guidance_scale: image_guidance = None,
         reasoning_id: reasoning_id = None,
+        loras: lora_picks = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.edit(
-            ctx, images, instruction, seed, reasoning_id,
+            ctx, images, instruction, seed, reasoning_id, loras,
             width=width, height=height, steps=steps, num_images=num_images,
             all_cfg_scale=guidance_scale, part_cfg_scale=image_guidance_scale,
         )
