@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -598,13 +597,12 @@ def _draw_samples(pipe, dit, config: TrainConfig, cache, samples, out: Path, ste
     dit.eval()
     try:
         for index, prompt in enumerate(prompts):
-            if config.is_edit and not config.sample_prompts:
-                with Image.open(samples[index].source) as source:
-                    image = pipe.edit(source.convert("RGB"), prompt, steps=config.sample_steps,
-                                      seed=config.sample_seed + index)[0]
+            seed = config.sample_seed + index
+            if config.is_edit:  # edits: the fixed prompts applied to the first samples' sources, in turn
+                with Image.open(samples[index % len(samples)].source) as source:
+                    image = pipe.edit(source.convert("RGB"), prompt, steps=config.sample_steps, seed=seed)[0]
             else:
-                image = pipe.generate(prompt, width=width, height=height, steps=config.sample_steps,
-                                      seed=config.sample_seed + index)[0]
+                image = pipe.generate(prompt, width=width, height=height, steps=config.sample_steps, seed=seed)[0]
             path = folder / f"step-{step:06d}-{index}.png"
             image.save(path)
             paths.append(path)
@@ -618,9 +616,3 @@ def write_loss_log(result: TrainResult, path: Path) -> None:
     path.write_text(json.dumps({"losses": result.losses, "eval_loss_before": result.eval_loss_before,
                                 "eval_loss_after": result.eval_loss_after}, indent=1))
 
-
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and torch seeded (PEFT's initialisation and any library randomness follow)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
