@@ -6,6 +6,7 @@ Data flows one way: processor → VLM → conditioning → diffusion transformer
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -43,6 +44,7 @@ from .sampling import (
     pixels_to_pil,
     use_reference_norms,
 )
+from .streaming import IncrementalDecoder
 from .textgen import TextCallback, TokenCallback, generate_tokens
 from .tracing import RunTrace, TraceSink
 from .vlm import SPECIAL_TOKENS, InternVLUChatModel, VLMConfig
@@ -173,6 +175,8 @@ class InternVLUPipeline:
         self.root = root
         self.codec = LatentCodec(vae) if vae is not None else None
         self._lock = threading.RLock()
+        self._admission_lock = threading.Lock()
+        self._admission_processor: InternVLUProcessor | None = None  # check_request's own tokenizer
         #: How the LLM and the DiT are quantised (None: full precision); see ``internvl_u_core.quantization``.
         self.quantization = quantization
         self._offload: offloading.Offloader | None = None
@@ -550,13 +554,18 @@ class InternVLUPipeline:
         seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         streaming = text_callback is not None and kwargs.get("num_beams", 1) == 1
-        ids_callback = (lambda new_ids: text_callback(self._decode(new_ids[:1])[0])) if streaming else None
+        decoder = IncrementalDecoder(self._decode_list) if streaming else None
         with self._lock:
             ids = self._generate_text(
-                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback, ids_callback
+                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback,
+                self._streaming_text(decoder, text_callback) if streaming else None,
             )
-        if text_callback is not None and not streaming:  # beam search knows its answer only at the end
-            check.run_text_callback(text_callback, self._decode(ids)[0])
+        if text_callback is not None:
+            # Beam search knows its answer only at the end; a stream ends on the whole answer, with any
+            # incomplete character the last tokens left (decoded as U+FFFD) that it held back.
+            answer = self._decode(ids)[0]
+            if not streaming or decoder.text != answer:
+                check.run_text_callback(text_callback, answer)
         return ids, pictures
 
     def generate(
@@ -763,11 +772,42 @@ class InternVLUPipeline:
                 [prompt], [pictures], system_prompt, settings, self._reasoning_ids(reasoning), request.callback
             )
 
+    def check_request(
+        self, prompt: str, image_count: int, *, mode: str = "image", reasoning: Reasoning | None = None,
+        system_prompt: str | None = None, max_new_tokens: int = 0,
+    ) -> None:
+        """The checks a call makes of one prompt's content, without running the model (for servers' admission).
+
+        ``mode`` is ``"text"`` (understand), ``"text_image"`` (reason) or ``"image"`` (generate/edit, with
+        ``reasoning`` if it follows one). Raises what the call would: a reasoning made for other images or
+        with ids outside the vocabulary, image slots that do not match the images, a prompt (plus
+        ``max_new_tokens``) longer than the model's context. A server runs this before queueing, so a
+        request that would fail inside a shared batch is refused alone.
+        """
+        self._check_reasoning(reasoning, [None] * image_count, "reasoning")
+        placeholders = [Image.new("RGB", (1, 1))] * image_count  # token counts do not depend on image sizes
+        with self._admission_lock:
+            # A tokenizer of its own: a fast tokenizer used from two threads at once can fail ("Already
+            # borrowed"), and the model's own may be busy with a running job.
+            if self._admission_processor is None:
+                self._admission_processor = copy.copy(self.processor)
+                self._admission_processor.tokenizer = copy.deepcopy(self.processor.tokenizer)
+            rows_mode = "text_image" if mode == "image" and reasoning is not None else mode  # as _prepare_conditioning
+            batch = self._admission_processor([prompt], [placeholders], rows_mode, system_prompt)
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        if reasoning is not None:
+            input_ids, attention_mask = reassemble_with_reasoning(
+                input_ids, attention_mask, self._reasoning_ids(reasoning), n=1, im_end_id=self.im_end_id,
+                img_id=self.img_id,
+            )
+        check.prompt_length(input_ids.shape[1], max_new_tokens, self.max_prompt_tokens, "prompt")
+
     def _default_size(self, pictures, width, height) -> tuple[int | None, int | None]:
-        """Each missing side defaults to the first input image's (at least the smallest size); text-to-image keeps None."""
+        """Each missing side defaults to the first input image's, fitted to the size limits; text-to-image keeps None."""
         if pictures:
-            width = max(pictures[0].width, self.limits.min_side) if width is None else width
-            height = max(pictures[0].height, self.limits.min_side) if height is None else height
+            fitted_width, fitted_height = check.fitted_size(pictures[0].width, pictures[0].height, self.limits)
+            width = fitted_width if width is None else width
+            height = fitted_height if height is None else height
         return width, height
 
     def _check_reasoning(self, reasoning, pictures, name: str) -> None:
@@ -781,6 +821,18 @@ class InternVLUPipeline:
     @staticmethod
     def _reasoning_ids(reasoning: Reasoning | None) -> torch.Tensor | None:
         return None if reasoning is None else torch.tensor([list(reasoning.token_ids)], dtype=torch.long)
+
+    @staticmethod
+    def _streaming_text(decoder: IncrementalDecoder, text_callback: TextCallback):
+        """An ids callback that hands ``text_callback`` the answer so far, decoding only each step's new tokens."""
+        def on_ids(new_ids: torch.Tensor):  # once per token, as before: a split character adds no text yet
+            decoder.push(new_ids[0, decoder.token_count :].tolist())
+            return text_callback(decoder.text)
+
+        return on_ids
+
+    def _decode_list(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -806,8 +858,8 @@ class InternVLUPipeline:
                 default_part if part_cfg_scale is None else part_cfg_scale, names.part_cfg_scale, self.limits
             ),
             generator=check.generator(generator),
-            timestep_trunc=check.finite(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, "timestep_trunc"),
-            flow_shift=check.positive(FLOW_SHIFT if flow_shift is None else flow_shift, "flow_shift"),
+            timestep_trunc=check.timestep_trunc(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, self.limits),
+            flow_shift=check.flow_shift(FLOW_SHIFT if flow_shift is None else flow_shift, self.limits),
         )
 
     def _generate_text(
@@ -982,6 +1034,10 @@ class InternVLUPipeline:
         trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler, settings.flow_shift)
         scheduler.set_timesteps(settings.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Start at the first timestep even where rounding repeats it (many steps, a strong shift): looked
+            # up by value, the solver would start one step in and run past its last sigma (IndexError).
+            scheduler.set_begin_index(0)
         timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):
