@@ -190,8 +190,8 @@ def test_lora_arguments_parse() -> None:
 
 
 def test_cli_refuses_a_missing_lora_before_loading(capsys, tmp_path: Path) -> None:
-    code = main(["generate", "x", "--model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "no.safetensors"),
-                 "-o", str(tmp_path / "o.png")])
+    code = main(["generate", "x", "--model", str(FIXTURES / "internvlu-tiny" / "checkpoint"),
+                 "--lora", str(tmp_path / "no.safetensors"), "-o", str(tmp_path / "o.png")])
     assert code == 2
     assert "--lora" in capsys.readouterr().err
 
