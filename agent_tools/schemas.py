@@ -114,6 +114,20 @@ ReasoningId = Annotated[
 ]
 
 
+class LoraChoice(BaseModel):
+    """One LoRA adapter for an image job, named from the operator's list."""
+
+    name: str = Field(min_length=1, max_length=64, description="An adapter name from the list in the tool description.")
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0, description="How strongly it acts: 1 as trained, 0 not at all.")
+
+
+Loras = Annotated[
+    list[LoraChoice] | None,
+    Field(default=None, max_length=8,
+          description="LoRA adapters to apply (styles, subjects), by name; only the ones the tool description lists."),
+]
+
+
 class GenerateImageInput(BaseModel):
     """Arguments of `generate_image`."""
 
@@ -131,6 +145,7 @@ class GenerateImageInput(BaseModel):
     num_images: NumImages = 1
     guidance_scale: GuidanceScale = None
     reasoning_id: ReasoningId = None
+    loras: Loras = None
 
 
 class EditImageInput(_AcceptsSingleImage):
@@ -162,3 +177,4 @@ class EditImageInput(_AcceptsSingleImage):
         ),
     )
     reasoning_id: ReasoningId = None
+    loras: Loras = None

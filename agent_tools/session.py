@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 from agent_tools.images import ImageStore
 from agent_tools.reasonings import ReasoningStore
 from agent_tools.runner import PipelineRunner
-from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, RemoteInternVLU
+from internvl_u_core import DEFAULT_LIMITS, InternVLUPipeline, InvalidInputError, RemoteInternVLU, lora
 from internvl_u_core.remote import is_server_url
 
 ReturnImages = Literal["none", "thumbnail", "full"]
@@ -48,6 +49,31 @@ class ToolLimits:
                 raise ValueError(msg)
 
 
+def check_lora_list(loras: Mapping[str, str | os.PathLike[str]], served: bool) -> dict[str, Path]:
+    """The operator's adapters (name -> .safetensors file) the agent may name (checked by the core)."""
+    if loras and served:
+        raise ValueError("loras apply to a model loaded here; a served model's adapters are set up on its server")
+    try:
+        return lora.named_adapters(loras)
+    except InvalidInputError as error:
+        raise ValueError(str(error)) from error
+
+
+def lora_choices(session: InternVLUSession, choices) -> list[tuple[Path, float]]:
+    """The agent's ``loras`` argument → files and scales; names outside the operator's list are refused."""
+    from langchain_core.tools import ToolException
+
+    try:
+        return lora.pick_named(session.loras, [(choice.name, choice.scale) for choice in choices or []])
+    except InvalidInputError as error:
+        raise ToolException(f"{error}.") from error
+
+
+def loras_on(pipeline: Any, picked: list[tuple[Path, float]]):
+    """The picked adapters on for one job; the next job starts from the adapters on before."""
+    return lora.adapters_on(pipeline, picked)
+
+
 class InternVLUSession:
     """One model, one output folder, one set of ids: what a toolkit's tools share.
 
@@ -77,8 +103,10 @@ class InternVLUSession:
         thumbnail_size: int = 256,
         api_key: str | None = None,
         timeout: float = 600.0,
+        loras: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> None:
         self.limits = limits or ToolLimits()
+        self.loras = check_lora_list(loras or {}, served=is_server_url(model))
         if is_server_url(model):
             if load_kwargs:
                 msg = f"load_kwargs apply to a model loaded here; the served model at {model} is set up on its server"

@@ -64,6 +64,11 @@ class InternVLUToolkit(BaseToolkit):
         description="Also show new images to the agent's model: 'none', 'thumbnail' or 'full' (base64 PNG blocks).",
     )
     thumbnail_size: int = Field(default=256, ge=16, le=2048, description="Longest side of thumbnails.")
+    loras: dict[str, Path] = Field(
+        default_factory=dict,
+        description="LoRA adapters the agent may apply to generate_image/edit_image, by name: {name: file.safetensors}. "
+        "The agent sees only the names; it cannot give a path.",
+    )
 
     _session: InternVLUSession = PrivateAttr()
     _tools: list[BaseTool] = PrivateAttr()
@@ -90,9 +95,13 @@ class InternVLUToolkit(BaseToolkit):
             thumbnail_size=self.thumbnail_size,
             api_key=self.api_key.get_secret_value() if self.api_key is not None else None,
             timeout=self.timeout,
+            loras=self.loras,
         )
         tool_classes = (UnderstandImageTool, ReasonTool, GenerateImageTool, EditImageTool)
         self._tools = [tool_class(session=self._session) for tool_class in tool_classes]
+        for tool in self._tools:
+            if self.loras and tool.name in ("generate_image", "edit_image"):
+                tool.description += f" LoRA adapters you may name in 'loras': {', '.join(sorted(self.loras))}."
 
     @property
     def session(self) -> InternVLUSession:

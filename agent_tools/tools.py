@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from langchain_core.tools import ToolException
@@ -20,6 +21,7 @@ from agent_tools.schemas import (
     ReasonInput,
     UnderstandImageInput,
 )
+from agent_tools.session import lora_choices, loras_on
 from internvl_u_core import InternVLUPipeline, random_seed
 
 
@@ -172,21 +174,22 @@ class GenerateImageTool(_ImageOutputTool):
     def _prepare(self, request: GenerateImageInput) -> _ImageJob:
         self._check_output_limits(request)
         reasoning = self._reasoning(request.reasoning_id, expected_images=0)
-        return _ImageJob(request, [], reasoning, _seed(request.seed))
+        return _ImageJob(request, [], reasoning, _seed(request.seed), lora_choices(self.session, request.loras))
 
     def _call_core(self, pipeline: InternVLUPipeline, control: JobControl, plan: _ImageJob) -> list[Image.Image]:
         request = plan.request
-        return pipeline.generate(
-            request.prompt,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            all_cfg_scale=request.guidance_scale,
-            seed=plan.seed,
-            num_images=request.num_images,
-            reasoning=plan.reasoning.reasoning if plan.reasoning else None,
-            callback=lambda step, total, _latents: control.progress("denoising", step, total),
-        )
+        with loras_on(pipeline, plan.loras):
+            return pipeline.generate(
+                request.prompt,
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                all_cfg_scale=request.guidance_scale,
+                seed=plan.seed,
+                num_images=request.num_images,
+                reasoning=plan.reasoning.reasoning if plan.reasoning else None,
+                callback=lambda step, total, _latents: control.progress("denoising", step, total),
+            )
 
     def _present(self, plan: _ImageJob, images: list[Image.Image]) -> ToolOutput:
         return self._describe_outputs(plan, images, f"Generated {_count(images)}")
@@ -209,23 +212,24 @@ class EditImageTool(_ImageOutputTool):
         self._check_output_limits(request)
         reasoning = self._reasoning(request.reasoning_id, expected_images=len(request.images))
         images = [self.session.images.load(ref) for ref in request.images]
-        return _ImageJob(request, images, reasoning, _seed(request.seed))
+        return _ImageJob(request, images, reasoning, _seed(request.seed), lora_choices(self.session, request.loras))
 
     def _call_core(self, pipeline: InternVLUPipeline, control: JobControl, plan: _ImageJob) -> list[Image.Image]:
         request = plan.request
-        return pipeline.edit(
-            [loaded.image for loaded in plan.images],
-            request.instruction,
-            width=request.width,
-            height=request.height,
-            steps=request.steps,
-            all_cfg_scale=request.guidance_scale,
-            part_cfg_scale=request.image_guidance_scale,
-            seed=plan.seed,
-            num_images=request.num_images,
-            reasoning=plan.reasoning.reasoning if plan.reasoning else None,
-            callback=lambda step, total, _latents: control.progress("denoising", step, total),
-        )
+        with loras_on(pipeline, plan.loras):
+            return pipeline.edit(
+                [loaded.image for loaded in plan.images],
+                request.instruction,
+                width=request.width,
+                height=request.height,
+                steps=request.steps,
+                all_cfg_scale=request.guidance_scale,
+                part_cfg_scale=request.image_guidance_scale,
+                seed=plan.seed,
+                num_images=request.num_images,
+                reasoning=plan.reasoning.reasoning if plan.reasoning else None,
+                callback=lambda step, total, _latents: control.progress("denoising", step, total),
+            )
 
     def _present(self, plan: _ImageJob, images: list[Image.Image]) -> ToolOutput:
         sources = ", ".join(loaded.source.name for loaded in plan.images)
@@ -244,6 +248,7 @@ class _ImageJob:
     images: list[LoadedImage]
     reasoning: StoredReasoning | None
     seed: int
+    loras: list[tuple[Path, float]] = field(default_factory=list)  # adapter files and scales for this job
 
 
 def _seed(requested: int | None) -> int:

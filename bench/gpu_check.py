@@ -9,6 +9,9 @@ between the variants and against the reference, and the DiT's compute floor: its
 call over the matrix-multiply rate measured on the device. Then the quantisation and offload
 ladder (``bench/gpu_quant_check.py``): every quantisation mode and offload rung in its own process,
 with peak VRAM, time and drift against bf16 (``--ladder only`` runs just that, ``off`` skips it).
+Then one LoRA training step (``bench/lora.py``, its own process): 1024², released widths and depths,
+bf16, gradient checkpointing, rank 16 on every attention and MLP projection; time per step and peak
+VRAM (goal: under 24 GB). ``--lora off`` skips it, ``only`` runs just that.
 
 Without CUDA (or with ``--cpu``) the same path runs at tiny sizes on the CPU: the tiny fixture
 checkpoint, 64², 2 steps, the CPU backends, compilation with the ``eager`` backend. A test runs it.
@@ -278,6 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ladder", choices=("on", "off", "only"), default="on",
                    help="also run the quantisation and offload ladder (each mode's peak VRAM, time, drift "
                         "against bf16; bench/gpu_quant_check.py); 'only': just the ladder")
+    p.add_argument("--lora", choices=("on", "off", "only"), default="on",
+                   help="one LoRA training step (bench/lora.py): on, off, or only that")
     p.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default=None, help=argparse.SUPPRESS)
@@ -320,8 +325,8 @@ def main(argv=None) -> int:
                    "prompt": PROMPT},
         "matmul_tflops": matmul_tflops(args.device),
     }
-    if args.ladder == "only":
-        doc["ours"] = doc["reference"] = {"skipped": "--ladder only"}
+    if args.ladder == "only" or args.lora == "only":
+        doc["ours"] = doc["reference"] = {"skipped": f"--{'ladder' if args.ladder == 'only' else 'lora'} only"}
     else:
         doc["ours"] = _run_child("ours", args, ckpt, images)
         (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))  # partial results survive a timeout
@@ -342,15 +347,37 @@ def main(argv=None) -> int:
         doc["dit_flops"] = {"rows_tokens": rows, "tflop_per_call": float(f"{flops / 1e12:.4g}")}
         if doc["matmul_tflops"]:
             doc["dit_flops"]["floor_s"] = round(flops / (doc["matmul_tflops"] * 1e12), 4)
-    if args.ladder != "off":  # the quantisation and offload ladder (bench/gpu_quant_check.py)
+    if args.ladder != "off" and args.lora != "only":  # the quantisation and offload ladder (bench/gpu_quant_check.py)
         (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))
         doc["ladder"] = run_ladder(args.device, ckpt, out / "ladder", args.threads, site=args.ours_site)
+    if args.lora != "off" and args.ladder != "only":
+        (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))
+        doc["lora"] = run_lora_step(args, ckpt, out)
     doc["wall_s"] = round(time.perf_counter() - started, 1)
     (out / "gpu-check.json").write_text(json.dumps(doc, indent=2))
     print(markdown(doc))
     log(f"wrote {out / 'gpu-check.json'} in {doc['wall_s']} s")
-    failed = "error" in doc["ours"] or "error" in doc["reference"]
+    failed = "error" in doc["ours"] or "error" in doc["reference"] or "error" in doc.get("lora", {})
     return 1 if failed else 0
+
+
+def run_lora_step(args, ckpt: Path, out: Path) -> dict:
+    """``bench/lora.py`` in its own process: 1024², bf16, gradient checkpointing on CUDA; the tiny CPU path else."""
+    cuda = args.device == "cuda"
+    result = out / "lora.json"
+    command = [sys.executable, str(BENCH / "lora.py"), "--ckpt", str(ckpt), "--json", str(result),
+               "--device", args.device, "--size", str(1024 if cuda else 64),
+               "--dtype", "bfloat16" if cuda else "float32", "--gradient-checkpointing", "on",
+               "--steps", "3" if cuda else "1", "--warmup", "1", "--threads", str(args.threads)]
+    env = dict(os.environ)
+    if args.ours_site:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(args.ours_site).resolve()), str(REPO)]
+                                            + [p for p in [env.get("PYTHONPATH")] if p])
+    log("LoRA training step: " + " ".join(command[1:]))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode != 0 or not result.is_file():
+        return {"error": done.stderr[-2000:]}
+    return json.loads(result.read_text())
 
 
 def markdown(doc: dict) -> str:
@@ -374,6 +401,13 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {v['total_median_s']} | {steps} | {ratio} | {v['peak_vram_gib']} | {diff_text} |")
     if "ladder" in doc:
         lines += ["", "Quantisation and offload ladder:", "", ladder_markdown(doc["ladder"])]
+    lora = doc.get("lora")
+    if lora and "error" not in lora:
+        lines += ["", f"LoRA training step: {lora['size']}², {lora['dtype']}, DiT {lora['dit']['layers']} layers × "
+                  f"{lora['dit']['dim']}, rank {lora['rank']}, gradient checkpointing {lora['gradient_checkpointing']}: "
+                  f"{lora['step_median_s']} s per step, peak {lora['peak_memory_gib']} GiB ({lora['memory_kind']})"]
+    elif lora:
+        lines += ["", f"LoRA training step failed: {lora['error'][-300:]}"]
     return "\n".join(lines)
 
 

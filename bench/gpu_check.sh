@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OURS_WHEELS=("diffusers==0.42.1")
+OURS_WHEELS=("diffusers==0.42.1" "peft==0.21.2")  # peft: the LoRA training step (bench/lora.py)
 # The quantisation ladder's libraries (int8/fp8 through torchao, nf4 through bitsandbytes), kept apart:
 # with them the carried folders pass the device tool's 64 MiB, so the ladder runs as its own command.
 QUANT_WHEELS=("torchao==0.18.0" "bitsandbytes==0.50.2")

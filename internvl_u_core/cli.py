@@ -62,6 +62,9 @@ def add_memory_options(group) -> None:
                        help="keep the weights in CPU memory and move them to the CUDA GPU while they run (needs "
                             "CUDA): " + "; ".join(f"{m}: {OFFLOAD_MODE_HELP[m]}" for m in OFFLOAD_MODES)
                             + " (--offload alone: model)")
+    group.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                       help="load a LoRA adapter (.safetensors, or owner/repo[/file.safetensors] on the hub) at "
+                            "SCALE (default 1.0); repeat for several adapters, each with its own scale")
 
 
 def check_memory_options(args, names: ArgumentNames) -> None:
@@ -69,6 +72,27 @@ def check_memory_options(args, names: ArgumentNames) -> None:
     from .pipeline import check_load_options
 
     check_load_options(args.device, args.dtype, args.quantize, args.offload, names)
+    lora_specs(args)
+
+
+def lora_specs(args) -> list[tuple[str, float]]:
+    """``--lora PATH[:SCALE]`` values as ``(path, scale)``; local files must exist (checked before loading)."""
+    from .lora import is_hub_source, parse_lora_argument
+
+    specs = [parse_lora_argument(text) for text in getattr(args, "lora", None) or []]
+    for path, _ in specs:
+        if not Path(path).expanduser().is_file() and not is_hub_source(path):
+            raise InvalidInputError(
+                f"--lora {path}: no such file (give a .safetensors file, or owner/repo[/file.safetensors] on the hub)"
+            )
+    return specs
+
+
+def apply_lora_options(pipe, args, say=lambda message: None) -> None:
+    """Load the ``--lora`` adapters into a freshly loaded pipeline, each at its scale."""
+    for path, scale in lora_specs(args):
+        name = pipe.load_lora(path, scale=scale)
+        say(f"LoRA {name} loaded at scale {scale:g}")
 
 
 def _add_text_options(parser: argparse.ArgumentParser, default_tokens: int) -> None:
@@ -183,8 +207,94 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(edit)
     _add_image_options(edit, "default: the first input image's size")
     add_download_command(sub)
+    _add_train_command(sub)
     _add_plugin_commands(sub)
     return parser
+
+
+def _add_train_command(sub) -> None:
+    """``train-lora``: a LoRA for the DiT from a captioned folder or edit pairs (``internvl_u_core.training``)."""
+    train = sub.add_parser(
+        "train-lora", help="train a LoRA adapter from a folder of captioned images or edit pairs",
+        description="Train a LoRA on the DiT with the model's own flow-matching objective. The data are checked "
+                    "before the model loads.",
+    )
+    data = train.add_argument_group("data")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", metavar="FOLDER",
+                        help="images with same-name .txt captions (cat.png + cat.txt), e.g. a Save Captions folder")
+    source.add_argument("--edit-pairs", metavar="FOLDER",
+                        help="FOLDER/source/NAME.png, FOLDER/target/NAME.png and the instruction in "
+                             "FOLDER/target/NAME.txt, per sample")
+    data.add_argument("--out", required=True, metavar="ADAPTER.safetensors", help="the adapter file to write")
+    data.add_argument("--resolution", type=int, default=512,
+                      help="bucket area is about RESOLUTION² pixels, sides on the 32-px grid (default: 512)")
+    data.add_argument("--trigger-word", action="append", default=[], metavar="WORD",
+                      help="recorded in the adapter's header (repeat for several)")
+    group = train.add_argument_group("model")
+    group.add_argument("--model", default=os.environ.get(MODEL_ENV),
+                       help=f"checkpoint folder or hub id (default: ${MODEL_ENV})")
+    group.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    group.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                       help="auto: bf16 on CUDA, fp32 on the CPU (default: auto)")
+    group.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute block activations in the backward pass (default: on with CUDA)")
+    lora = train.add_argument_group("LoRA and optimiser")
+    lora.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    lora.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    lora.add_argument("--targets", default=None, metavar="MODULES",
+                      help="comma-separated DiT layer names (suffixes) to adapt, e.g. to_q,to_k,to_v,to_out.0 "
+                           "(default: every attention and MLP projection of both streams)")
+    lora.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    lora.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default: 0)")
+    lora.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default: 1.0)")
+    lora.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
+    lora.add_argument("--batch", type=int, default=1, help="samples per step (default: 1)")
+    lora.add_argument("--seed", type=int, default=0, help="seed of the adapter's start, the batches and the noise")
+    run = train.add_argument_group("checkpoints and samples")
+    run.add_argument("--checkpoint-every", type=int, default=250,
+                     help="save adapter + optimiser + RNG state to OUT.checkpoints/step-N every N steps (0: never)")
+    run.add_argument("--resume", metavar="FOLDER",
+                     help="continue from a step-N checkpoint folder (or the newest in OUT.checkpoints)")
+    run.add_argument("--sample-every", type=int, default=0,
+                     help="draw images from the sample prompts every N steps into OUT.samples/ (0: never)")
+    run.add_argument("--sample-prompt", action="append", default=[], metavar="TEXT",
+                     help="a fixed sample prompt (repeat; default: the first two captions)")
+    run.add_argument("--sample-seed", type=int, default=0, help="seed of the first sample image (default: 0)")
+    run.add_argument("--sample-steps", type=int, default=20, help="denoising steps of the samples (default: 20)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=run_train)
+
+
+def run_train(args) -> int:
+    """Check the data and options (before loading anything), train, and print where the adapter is."""
+    from .lora import DEFAULT_TARGETS
+    from .training import TrainConfig, train_lora, write_loss_log
+
+    if not args.model:
+        raise InvalidInputError(f"no model given; pass --model PATH_OR_HUB_ID or set ${MODEL_ENV}")
+    config = TrainConfig(
+        model=args.model, out=args.out, data=args.data, edit_pairs=args.edit_pairs, rank=args.rank,
+        alpha=float(args.alpha if args.alpha is not None else args.rank),
+        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else DEFAULT_TARGETS,
+        learning_rate=args.lr, steps=args.steps, batch_size=args.batch, seed=args.seed, resolution=args.resolution,
+        max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps, checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every, sample_prompts=tuple(args.sample_prompt), sample_seed=args.sample_seed,
+        sample_steps=args.sample_steps, gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision, device=args.device, trigger_words=tuple(args.trigger_word),
+        resume=args.resume,
+    )
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    result = train_lora(config, progress=not args.quiet, log=say)
+    log_path = result.adapter.with_name(result.adapter.stem + ".loss.json")
+    write_loss_log(result, log_path)
+    say(f"loss log: {log_path}; samples: {len(result.samples)}; checkpoints: {len(result.checkpoints)}")
+    print(result.adapter)
+    return 0
 
 
 PLUGIN_GROUP = "internvl_u.commands"
@@ -393,6 +503,7 @@ def _load(args):
     )
     if getattr(args, "vae_tiling", False):
         pipe.enable_vae_tiling()
+    apply_lora_options(pipe, args, progress)
     return pipe
 
 

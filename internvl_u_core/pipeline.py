@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import lora as adapters
 from . import offload as offloading
 from . import quantization as quantizing
 from . import validation as check
@@ -184,6 +185,8 @@ class InternVLUPipeline:
         self.limits = replace(DEFAULT_LIMITS)
         # Tests set this to a callable(name, tensor) to compare every stage with the reference (see tracing).
         self.recorder: TraceSink | None = None
+        #: LoRA adapters loaded into the DiT/LLM and which are on (see :meth:`load_lora`).
+        self.loras = adapters.AdapterSet(self)
         tok = processor.token_id
         self.im_start_id = tok(IM_START)
         self.im_end_id = tok(IM_END)
@@ -266,6 +269,28 @@ class InternVLUPipeline:
             pipe.enable_offload(offload_mode, device)
         say("Model ready")
         return pipe
+
+    # ------------------------------------------------------------------------------------------
+    # LoRA adapters (the work is in internvl_u_core.lora)
+    # ------------------------------------------------------------------------------------------
+    def load_lora(self, path_or_hub_id: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Load a LoRA adapter file (or ``owner/repo[/file.safetensors]``) and switch it on at ``scale``.
+
+        Several adapters can be on at once, each at its own scale. An adapter made for another model
+        (other widths, keys or shapes) is refused with the mismatch named. Returns the adapter's name.
+        """
+        with self._lock:
+            return self.loras.load(path_or_hub_id, adapter_name, scale)
+
+    def set_loras(self, scales: dict[str, float]) -> None:
+        """Exactly the named loaded adapters on, at these scales (``{}``: all off, the exact base outputs)."""
+        with self._lock:
+            self.loras.set_active(scales)
+
+    def remove_lora(self, adapter_name: str | None = None) -> None:
+        """Unload one adapter, or all of them (``None``); with none left the model is the base model again."""
+        with self._lock:
+            self.loras.remove(adapter_name)
 
     # ------------------------------------------------------------------------------------------
     # Devices and memory

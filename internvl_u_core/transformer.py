@@ -13,7 +13,9 @@ reference-latent projections) lives in :class:`DecoderContext`, built once per s
 
 The DiT is a diffusers ``ModelMixin``: attention goes through diffusers' dispatcher (so
 ``set_attention_backend`` applies), and ``enable_layerwise_casting``, ``enable_group_offload``,
-``enable_cache`` and ``compile_repeated_blocks`` work on it.
+``enable_cache`` and ``compile_repeated_blocks`` work on it, and so do diffusers' PEFT adapter
+methods (``load_lora_adapter``, ``set_adapters``, ``fuse_lora``...; see ``internvl_u_core.lora``) and
+``enable_gradient_checkpointing`` (LoRA training).
 
 Precision follows the reference for half-precision models: the timestep is rounded to the model
 dtype before the sinusoid, LayerNorms and RoPE run in float32 and are cast back, the output
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
@@ -572,7 +575,7 @@ def _register_block_for_cache_hooks() -> None:
     )
 
 
-class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
+class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin, PeftAdapterMixin):
     """The MMDiT (``generation_decoder.decoder``), a diffusers model.
 
     Inputs of :meth:`forward` (names as the reference): ``hidden_states`` [B, C, H, W] latents;
@@ -589,6 +592,7 @@ class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
     """
 
     _no_split_modules = ["InternVLUTransformerBlock"]
+    _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _repeated_blocks = ["InternVLUTransformerBlock"]
 
@@ -623,6 +627,7 @@ class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         )
         self.norm_out = InternVLUNormOut(dim)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.gradient_checkpointing = False
 
     @property
     def latent_channels(self) -> int:
@@ -833,8 +838,12 @@ class InternVLUTransformer2DModel(ModelMixin, ConfigMixin, CacheMixin):
         img_rows = None if uniform else context.image_row_ids
         txt_rows = None if uniform else context.text_row_ids
 
+        checkpointing = torch.is_grad_enabled() and self.gradient_checkpointing  # LoRA training (enable_gradient_checkpointing)
         for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, context, img_rows, txt_rows)
+            if checkpointing:
+                img, txt = self._gradient_checkpointing_func(block, img, txt, temb, context, img_rows, txt_rows)
+            else:
+                img, txt = block(img, txt, temb, context, img_rows, txt_rows)
 
         n_tgt = context.total_target_tokens
         tgt_rows = None if uniform else context.image_row_ids[:n_tgt]

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
+from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, apply_lora_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
 from internvl_u_core.limits import DEFAULT_LIMITS, Limits
 from internvl_u_core.options import API_KEY_ENV, is_server_url
@@ -19,7 +19,7 @@ from internvl_u_core.options import API_KEY_ENV, is_server_url
 #: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
 #: False or "auto".
 _LOADING_OPTIONS = {"dtype": "--dtype", "device": "--device", "offline": "--offline", "revision": "--revision",
-                    "quantize": "--quantize", "offload": "--offload"}
+                    "quantize": "--quantize", "offload": "--offload", "lora": "--lora"}
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) -> None:
@@ -128,7 +128,9 @@ def load_pipeline(args: argparse.Namespace, command: str):
 
     # MCP's stdio mode speaks on stdout: nothing printed while loading may reach it.
     with contextlib.redirect_stdout(sys.stderr):
-        return InternVLUPipeline.from_pretrained(
+        pipe = InternVLUPipeline.from_pretrained(
             args.model, torch_dtype=args.dtype, device=args.device, local_files_only=args.offline,
             revision=args.revision, progress=progress, quantization=args.quantize, offload=args.offload,
         )
+        apply_lora_options(pipe, args, progress)
+        return pipe

@@ -18,7 +18,8 @@ def all_specs() -> list[NodeSpec]:
     from .dataset_nodes import LOAD_IMAGE_FOLDER, SAVE_CAPTIONS
     from .image_nodes import EDIT, GENERATE
     from .loader_nodes import LOADER, UNLOAD
+    from .lora_nodes import LORA
     from .remote_nodes import REMOTE_LOADER
     from .text_nodes import REASON, UNDERSTAND
 
-    return [LOADER, REMOTE_LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD, LOAD_IMAGE_FOLDER, SAVE_CAPTIONS]
+    return [LOADER, LORA, REMOTE_LOADER, UNDERSTAND, REASON, GENERATE, EDIT, UNLOAD, LOAD_IMAGE_FOLDER, SAVE_CAPTIONS]

@@ -17,6 +17,7 @@ except ImportError:  # a core without the pinned version module: the same names 
 
 from . import all_specs
 from .comfy_runtime import register_model_folder
+from .lora_nodes import register_lora_folder
 from .schema import ANY_TYPE, LATENT_TYPE, InputSpec, NodeSpec, OutputSpec
 
 _SIMPLE_TYPES: dict[str, Any] = {"IMAGE": io.Image, LATENT_TYPE: io.Latent, ANY_TYPE: io.AnyType}
@@ -104,4 +105,5 @@ class InternVLUExtension(ComfyExtension):
 
 def build_extension() -> InternVLUExtension:
     register_model_folder()
+    register_lora_folder()
     return InternVLUExtension()

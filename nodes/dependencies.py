@@ -20,6 +20,8 @@ REQUIRED = {
 #: (it names the package itself when the feature is asked for without it).
 OPTIONAL = {
     "torchao": "torchao",  # quantization int8/fp8 on CUDA
+    "peft": "peft",  # LoRA adapters: the InternVL-U LoRA node, pipe.load_lora, train-lora
+    "tqdm": "tqdm",  # train-lora's progress bar (installed with diffusers and transformers)
     "httpx": "httpx",  # RemoteInternVLU (the [remote] extra): the InternVL-U Remote Loader node
 }
 

@@ -111,10 +111,15 @@ class InternVLUModel:
         self._pipe = pipe
 
     @contextmanager
-    def use(self) -> Iterator[Any]:
-        """The pipeline on its run device for one job; offloads afterwards if so configured."""
+    def use(self, loras: tuple[tuple[str, float], ...] = ()) -> Iterator[Any]:
+        """The pipeline on its run device for one job; offloads afterwards if so configured.
+
+        ``loras``: ``(adapter file, strength)`` pairs switched on for this job (the LoRA node's handles
+        pass them); every other loaded adapter is off, so a branch without LoRA nodes gets the base model.
+        """
         with self._lock:
             pipe = self.pipeline()
+            self._activate_loras(pipe, loras)
             if self._patcher is not None:
                 memory.load(self._patcher)
             elif pipe.offload_mode is None:
@@ -122,8 +127,15 @@ class InternVLUModel:
             try:
                 yield pipe
             finally:
+                if loras:  # between jobs the shared pipeline is the base model
+                    pipe.set_loras({})
                 if self.settings.memory == OFFLOAD_AFTER_RUN:
                     self.offload()
+
+    def _activate_loras(self, pipe: Any, loras: tuple[tuple[str, float], ...]) -> None:
+        """Switch on exactly ``loras`` (the core loads the files it has not loaded yet)."""
+        if loras or len(pipe.loras):
+            pipe.loras.activate_files(loras)
 
     def offload(self) -> None:
         """Free the accelerator: move the weights to the offload device (they stay in RAM)."""

@@ -77,7 +77,7 @@ def test_node_package_imports_without_comfyui() -> None:
         "print(len(nodes.all_specs())); "
         "print(any(m.startswith('comfy') for m in sys.modules))"
     )
-    assert _run(code).split() == ["9", "False"]
+    assert _run(code).split() == ["10", "False"]
 
 
 def test_dependency_check_covers_what_the_core_imports() -> None:

@@ -42,6 +42,7 @@ def test_node_set() -> None:
     assert sorted(SPECS) == [
         "InternVLU_Edit",
         "InternVLU_Generate",
+        "InternVLU_LoRA",
         "InternVLU_LoadImageFolder",
         "InternVLU_Loader",
         "InternVLU_Reason",

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from nodes import all_specs  # noqa: E402
 from workflows.tools.core_nodes import CORE_NODES  # noqa: E402
-from workflows.tools.definitions import CAPTION_FOLDER, QWEN_IMAGE_VAE  # noqa: E402
+from workflows.tools.definitions import CAPTION_FOLDER, EXAMPLE_LORA, QWEN_IMAGE_VAE  # noqa: E402
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -81,9 +81,13 @@ class Server:
         write_caption_folder(self.base / "input" / CAPTION_FOLDER)
         vae_dir = self.base / "models" / "vae"
         write_wan_checkpoint(models / WAN_CHECKPOINT, vae_dir / QWEN_IMAGE_VAE)
+        loras = self.base / "models" / "internvl_u_loras"
+        loras.mkdir()
+        write_test_lora(loras / EXAMPLE_LORA)
         config = self.base / "extra_model_paths.yaml"
         config.write_text(
             f"internvlu_test:\n    custom_nodes: {custom_nodes}\n    internvl_u: {models}\n    vae: {vae_dir}\n"
+            f"    internvl_u_loras: {loras}\n"
         )
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -181,6 +185,15 @@ def write_caption_folder(folder: Path) -> None:
     lake = Image.open(TINY / "inputs" / "img_lake_70x70.png").convert("RGB")
     for name, picture in zip(CAPTION_NAMES, (fox, ImageOps.invert(fox), lake)):
         picture.save(folder / f"{name}.png")
+
+
+def write_test_lora(path: Path) -> None:
+    """An adapter for the tiny checkpoint (what the LoRA workflow's node picks)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import get_pipeline
+    from lora_helpers import dit_adapter
+
+    dit_adapter(get_pipeline("internvlu-tiny"), path)
 
 
 def write_wan_checkpoint(checkpoint: Path, comfy_vae: Path) -> None:
@@ -305,12 +318,14 @@ def test_object_info_lists_every_node(server: Server) -> None:
             assert options.get("tooltip") == inp.tooltip
             if inp.type == "COMBO":
                 choices = kind if isinstance(kind, list) else options["options"]
-                assert choices == inp.option_list() or inp.name == "checkpoint"
+                assert choices == inp.option_list() or inp.name in ("checkpoint", "lora_name")  # the server's folders
             else:
                 assert kind == inp.type
     assert "InternVL-U" in info["InternVLU_Loader"]["input"]["required"]["checkpoint"][1].get(
         "options", info["InternVLU_Loader"]["input"]["required"]["checkpoint"][0]
     )
+    lora_name = info["InternVLU_LoRA"]["input"]["required"]["lora_name"]
+    assert EXAMPLE_LORA in lora_name[1].get("options", lora_name[0])  # models/internvl_u_loras is listed
     for name, core in CORE_NODES.items():  # the table the workflow tests rely on
         node = info[name]
         order = node["input_order"]["required"] + node["input_order"].get("optional", [])
@@ -464,6 +479,33 @@ def test_remote_workflow_gives_the_local_results(server: Server, served: Any, ti
     assert {node: local["outputs"][node]["text"][0] for node in (reason, understand)} == texts
     for node in (generate, edit):
         assert all(np.array_equal(a, b) for a, b in zip(_saved(server, local, saves[node]), pictures[node]))
+
+
+def test_lora_branch_and_base_branch_in_one_graph(server: Server, tiny_pipe: Any) -> None:
+    """The LoRA workflow: the base branch draws the base model's image exactly, the LoRA branch the adapter's
+    (as pipe.load_lora gives it); strength 0 gives the base image back."""
+    prompt = fast_prompt("internvlu_lora_generate")
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    saves = _saves(prompt)
+    generates = [i for i, n in prompt.items() if n["class_type"] == "InternVLU_Generate"]
+    with_lora, base = sorted(generates, key=lambda i: prompt[i]["inputs"]["model"][0] == _node(prompt, "InternVLU_Loader"))
+    inputs = prompt[base]["inputs"]
+    kwargs = {"width": inputs["width"], "height": inputs["height"], "steps": inputs["steps"], "seed": inputs["seed"]}
+    expected_base = np.asarray(tiny_pipe.generate(inputs["prompt"], **kwargs)[0], dtype=np.int16)
+    tiny_pipe.load_lora(server.base / "models" / "internvl_u_loras" / EXAMPLE_LORA)
+    try:
+        expected_lora = np.asarray(tiny_pipe.generate(inputs["prompt"], **kwargs)[0], dtype=np.int16)
+    finally:
+        tiny_pipe.remove_lora()
+    (got_base,), (got_lora,) = _saved(server, entry, saves[base]), _saved(server, entry, saves[with_lora])
+    assert np.array_equal(got_base, expected_base)
+    assert np.array_equal(got_lora, expected_lora) and not np.array_equal(got_lora, got_base)
+
+    prompt[_node(prompt, "InternVLU_LoRA")]["inputs"]["strength"] = 0.0
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    assert np.array_equal(_saved(server, entry, saves[with_lora])[0], expected_base)
 
 
 def _progress_until_done(socket: Any, prompt_id: str) -> tuple[dict[str, list[tuple[int, int]]], int]:

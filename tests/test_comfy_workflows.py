@@ -10,6 +10,7 @@ compared with the core pipeline called directly with the same inputs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import get_pipeline  # noqa: E402
+from lora_helpers import dit_adapter  # noqa: E402
+
 from nodes import all_specs  # noqa: E402
 from nodes.schema import NodeResult, NodeSpec, list_rows  # noqa: E402
 from workflows.tools.core_nodes import CORE_NODES, VIRTUAL_NODES  # noqa: E402
-from workflows.tools.definitions import CAPTION_FOLDER  # noqa: E402
+from workflows.tools.definitions import CAPTION_FOLDER, EXAMPLE_LORA  # noqa: E402
 
 TINY = ROOT / "tests" / "fixtures" / "internvlu-tiny"
 API_DIR = ROOT / "workflows" / "api"
@@ -198,7 +202,11 @@ def comfy_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     patch.setenv("INTERNVLU_MODELS_DIR", str(models))
     patch.setenv("INTERNVLU_INPUT_DIR", str(inputs))
     patch.setenv("INTERNVLU_OUTPUT_DIR", str(base / "output"))
-    yield {"models": models, "input": inputs, "output": base / "output"}
+    loras = base / "models" / "internvl_u_loras"
+    loras.mkdir()
+    dit_adapter(get_pipeline("internvlu-tiny"), loras / EXAMPLE_LORA)
+    patch.setenv("INTERNVLU_LORAS_DIR", str(loras))
+    yield {"models": models, "input": inputs, "output": base / "output", "loras": loras}
     patch.undo()
 
 
@@ -240,8 +248,9 @@ def _inputs(prompt: dict, node_id: str) -> dict[str, Any]:
     return prompt[node_id]["inputs"]
 
 
-def _find(prompt: dict, class_type: str) -> str:
-    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
+def _find(prompt: dict, class_type: str, last: bool = False) -> str:
+    found = [i for i, n in prompt.items() if n["class_type"] == class_type]
+    return found[-1] if last else found[0]
 
 
 def _text_kwargs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -321,6 +330,17 @@ def expected_outputs(name: str, prompt: dict, pipe: Any) -> dict[str, Any]:
             ask: pipe.understand(drawn, q_inputs["question"], **_text_kwargs(q_inputs)),
             change: pil_tensor(pipe.edit([fox], inputs["instruction"], **_draw_kwargs(inputs))),
         }
+    if name == "internvlu_lora_generate":  # computed on a second copy of the model: the adapter's own
+        with_lora, base = _find(prompt, "InternVLU_Generate"), _find(prompt, "InternVLU_Generate", last=True)
+        other = get_pipeline("internvlu-tiny")
+        expected = {base: pil_tensor(other.generate(_inputs(prompt, base)["prompt"], **_draw_kwargs(_inputs(prompt, base))))}
+        other.load_lora(os.environ["INTERNVLU_LORAS_DIR"] + "/" + EXAMPLE_LORA)
+        try:
+            inputs = _inputs(prompt, with_lora)
+            expected[with_lora] = pil_tensor(other.generate(inputs["prompt"], **_draw_kwargs(inputs)))
+        finally:
+            other.remove_lora()
+        return expected
     raise AssertionError(f"no expectation for workflow {name}")
 
 
@@ -340,6 +360,7 @@ def test_every_workflow_has_an_expectation() -> None:
             "internvlu_edit",
             "internvlu_image_qa",
             "internvlu_latent_vae_decode",
+            "internvlu_lora_generate",
             "internvlu_multi_image_compare",
             "internvlu_reasoning_edit",
             "internvlu_reasoning_text_to_image",

@@ -44,3 +44,7 @@ def test_gpu_check_cpu_fallback(tmp_path):
         assert ladder[name]["t2i"]["total_s"] > 0 and ladder[name]["understand"]["decode_tok_s"] > 0, name
         assert ladder[name]["t2i_drift"]["psnr_db"] > 20 and 0.9 < ladder[name]["text_drift"]["cosine_median"] < 1
     assert (out / "ladder" / "int8-t2i.png").is_file() and "| int8 |" in done.stdout
+    # The LoRA training step (CUDA: 1024², bf16, released depths), here its CPU path.
+    lora = doc["lora"]
+    assert lora["gradient_checkpointing"] and lora["size"] == 64 and lora["step_median_s"] > 0
+    assert lora["trainable_params"] > 0 and lora["peak_memory_gib"] > 0 and "LoRA training step:" in done.stdout

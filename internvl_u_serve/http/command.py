@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 from internvl_u_core.options import API_KEY_ENV
 from internvl_u_serve.common import (
@@ -68,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     net.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="on SIGTERM, running requests get this long to finish before they are cancelled "
                           "(default: 30)")
+    net.add_argument("--lora-dir", action="append", default=[], metavar="FOLDER",
+                     help="a folder of LoRA adapters (.safetensors) that requests may name in their 'lora' field "
+                          "(name = file stem, or a path inside the folder); repeat for several (default: none)")
     net.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                      help="how much the server logs on stderr: info = start-up and one line per request; warning "
                           "or error = problems only; debug = everything (default: info)")
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if any(importlib.util.find_spec(name) is None for name in ("starlette", "uvicorn", "multipart")):
         print(MISSING_EXTRA, file=sys.stderr)
         return 1
-    problem = model_problem(args)
+    problem = model_problem(args) or next(
+        (f"--lora-dir {folder}: not a folder" for folder in args.lora_dir if not Path(folder).expanduser().is_dir()), None)
     if problem:
         print(f"internvl-u serve: error: {problem}", file=sys.stderr)
         return 2
@@ -131,6 +136,7 @@ def build_server(args: argparse.Namespace, pipe):
     settings = ServerSettings(
         model_name=args.served_model_name or served_name(args.model), limits=pipe.limits, think=args.think,
         allowed_image_hosts=frozenset(host.lower() for host in args.allow_image_host),
+        lora_dirs=tuple(Path(folder).expanduser() for folder in getattr(args, "lora_dir", None) or []),
     )
     server = OpenAIServer(engine, settings, api_key=args.api_key or None,
                           max_body_bytes=args.max_body_mb * 1024 * 1024,

@@ -10,6 +10,7 @@ stopped at its next step (a batch stops when all of its jobs are cancelled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -66,6 +67,7 @@ class DrawWork:
     think: dict | None = None
     previews: int = 0  # partial images to stream (0: progress events only, when streaming)
     stream: bool = False
+    loras: tuple[tuple[str, float], ...] | None = None  # adapter files and scales (None: the server's own)
 
     @property
     def images(self) -> tuple[Image.Image, ...]:
@@ -74,7 +76,8 @@ class DrawWork:
     @property
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share a denoising pass; ``None``: this job runs alone."""
-        return None if self.think is not None else self.request.batch_key
+        key = None if self.think is not None else self.request.batch_key
+        return None if key is None else (key, self.loras)
 
 
 @dataclass
@@ -335,12 +338,13 @@ class Engine:
 
         started = time.perf_counter()
         try:
-            pictures = self.pipe.generate_batch(
-                [r.prompt for r in requests], [r.seed for r in requests],
-                images=[list(r.images) for r in requests] if first.images else None,
-                reasonings=[r.reasoning for r in requests] if first.reasoning is not None else None,
-                system_prompt=first.system_prompt, callback=callback, **first.settings(),
-            )
+            with self._loras(jobs[0].work.loras):  # equal batch keys: the same adapters
+                pictures = self.pipe.generate_batch(
+                    [r.prompt for r in requests], [r.seed for r in requests],
+                    images=[list(r.images) for r in requests] if first.images else None,
+                    reasonings=[r.reasoning for r in requests] if first.reasoning is not None else None,
+                    system_prompt=first.system_prompt, callback=callback, **first.settings(),
+                )
         except INPUT_ERRORS:
             # Admission checked each request, so this is unexpected; still, one request's problem must not
             # become the others' answer: each runs again alone and gets its own result or error.
@@ -415,7 +419,21 @@ class Engine:
             self._progress(job, step, total, latents)
             return None
 
-        return DrawResult(request.run(self.pipe, callback=callback), thought)
+        with self._loras(work.loras):
+            return DrawResult(request.run(self.pipe, callback=callback), thought)
+
+    @contextlib.contextmanager
+    def _loras(self, chosen: tuple[tuple[str, float], ...] | None):
+        """A request's adapters on for its draw; afterwards the server's own (``--lora``) again."""
+        if chosen is None:
+            yield
+            return
+        own = self.pipe.loras.describe()
+        self.pipe.loras.activate_files(chosen)
+        try:
+            yield
+        finally:
+            self.pipe.set_loras(own)
 
     def _progress(self, job: Job, step: int, total: int, latents) -> None:
         work = job.work

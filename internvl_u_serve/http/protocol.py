@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
@@ -73,6 +74,7 @@ class ServerSettings:
     allowed_image_hosts: frozenset[str] = frozenset()
     max_image_bytes: int = 64 * 1024 * 1024
     stream_buffer_bytes: int = STREAM_BUFFER_BYTES  # see engine.STREAM_BUFFER_BYTES
+    lora_dirs: tuple[Path, ...] = ()  # folders whose .safetensors adapters a request's ``lora`` may name
 
 
 #: Longest number literal read from a request (a seed of 2**64 has 20 digits); longer ones are refused
@@ -354,7 +356,6 @@ UNSUPPORTED_FIELDS = {
     "mask": "InternVL-U edits whole images; masks are not supported",
     "mask_image": "InternVL-U edits whole images; masks are not supported",
     "reference_image": "send every input image as an 'image' file (or content part)",
-    "lora": "this server serves one model without adapters",
     "layers": "layered output is another model's feature",
     "resolution": "give the output size with size (or width and height)",
     "bot_task": "InternVL-U reasons before drawing with think=true",
@@ -668,8 +669,59 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
     previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
     request = DrawRequest(prompt=prompt, images=tuple(images), seed=seed_of(fields, limits), num_images=n,
                           system_prompt=system_prompt, reasoning=reasoning, **steps_field)
-    work = DrawWork(request, think=think_settings(fields, settings, reasoning), previews=previews, stream=stream)
+    work = DrawWork(request, think=think_settings(fields, settings, reasoning), previews=previews, stream=stream,
+                    loras=parse_lora(fields, settings))
     return ImagesRequest(work, stream=stream, edit=edit, output_format=fmt, quality=quality)
+
+
+MAX_LORAS = 8
+
+
+def parse_lora(fields: Fields, settings: ServerSettings) -> tuple[tuple[str, float], ...] | None:
+    """vLLM-Omni's ``lora`` field: ``{"name", "path", "scale"}`` or a list of them → adapter files and scales.
+
+    Only adapters inside the operator's ``--lora-dir`` folders: ``name`` is a file stem there, ``path`` a
+    file there (relative to a folder, or absolute but inside one); anything else is refused. None: the
+    request names no adapter (the server's own ``--lora`` adapters apply).
+    """
+    value = fields.raw("lora")
+    if value is None:
+        return None
+    entries = value if isinstance(value, list) else [value]
+    if not settings.lora_dirs:
+        raise bad_request("lora", "lora: this server allows no per-request adapters (start it with --lora-dir)")
+    if not entries or len(entries) > MAX_LORAS or not all(isinstance(e, dict) for e in entries):
+        raise bad_request("lora", f"lora must be an object {{name, path, scale}} or a list of 1-{MAX_LORAS} of them")
+    chosen = []
+    for entry in entries:
+        unknown = sorted(set(entry) - {"name", "path", "scale", "int_id", "local_path"})
+        if unknown:
+            raise bad_request("lora", f"lora: unknown field {unknown[0]!r} (use name, path, scale)")
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -10 <= scale <= 10:
+            raise bad_request("lora", "lora.scale must be a number between -10 and 10")
+        chosen.append((str(_allowed_adapter(entry, settings.lora_dirs)), float(scale)))
+    return tuple(chosen)
+
+
+def _allowed_adapter(entry: dict, folders: tuple[Path, ...]) -> Path:
+    path, name = entry.get("path", entry.get("local_path")), entry.get("name")
+    if path is not None and not isinstance(path, str) or name is not None and not isinstance(name, str):
+        raise bad_request("lora", "lora.name and lora.path must be strings")
+    candidates = []
+    for folder in folders:
+        root = folder.resolve()
+        if path:
+            candidates.append((root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve())
+        elif name:
+            candidates.append((root / f"{name}.safetensors").resolve())
+        else:
+            raise bad_request("lora", "lora needs a name or a path")
+        found = candidates[-1]
+        if found.is_relative_to(root) and found.suffix == ".safetensors" and found.is_file():
+            return found
+    shown = path or name
+    raise bad_request("lora", f"lora {shown!r} is not an adapter in this server's LoRA folders")
 
 
 def images_response(result: DrawResult, request: ImagesRequest) -> dict:

@@ -45,11 +45,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "only images in --output-dir)",
     )
     parser.add_argument(
+        "--allow-lora", action="append", default=[], metavar="NAME=FILE",
+        help="a LoRA adapter clients may name in generate_image/edit_image (they see NAME, never the path); "
+             "repeat for several (default: none)",
+    )
+    parser.add_argument(
         "--http", type=_port, default=None, metavar="PORT",
         help=f"serve streamable HTTP at http://{HOST}:PORT/mcp instead of stdio",
     )
     add_limit_options(parser)
     parser.set_defaults(handler=run)
+
+
+def _allowed_loras(entries: list[str]) -> tuple[dict[str, str], str | None]:
+    """``--allow-lora NAME=FILE`` values, names and files checked before the model loads."""
+    from internvl_u_core.errors import InvalidInputError
+    from internvl_u_core.lora import named_adapters
+
+    loras: dict[str, str] = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            return {}, f"--allow-lora {entry!r}: give NAME=FILE.safetensors"
+        loras[name] = path
+    try:
+        named_adapters(loras)
+    except InvalidInputError as error:
+        return {}, f"--allow-lora: {error}"
+    return loras, None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         print(MISSING_SDK, file=sys.stderr)
         return 1
     problem = _check_folders(args)
+    loras, lora_problem = _allowed_loras(args.allow_lora)
+    problem = problem or lora_problem
     if problem:
         print(f"internvl-u mcp: error: {problem}", file=sys.stderr)
         return 2
@@ -72,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     model = load_model(args, "mcp")
     apply_limits(args, model.limits)
-    server = build_server(model, args.output_dir, args.allowed_dir)
+    server = build_server(model, args.output_dir, args.allowed_dir, loras)
     if args.http is None:
         server.run("stdio")
         return 0

@@ -18,7 +18,7 @@ content. Argument bounds come from the model's `limits` (`internvl_u_core.valida
 
 import base64
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Protocol
 
@@ -29,7 +29,7 @@ from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, T
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
-from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, random_seed
+from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, lora, random_seed
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
 from internvl_u_core.limits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
@@ -98,6 +98,7 @@ def build_server(
     model: InternVLUModel,
     output_dir: str | os.PathLike[str],
     allowed_dirs: Sequence[str | os.PathLike[str]] = (),
+    loras: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> MCPServer:
     """An MCP server offering understand_image, reason, generate_image and edit_image over `model`.
 
@@ -105,9 +106,13 @@ def build_server(
         model: a loaded `InternVLUPipeline`, or anything with its friendly methods and `limits`.
         output_dir: where generated and edited images are written as `<image_id>.png`.
         allowed_dirs: folders, besides `output_dir`, whose image files the client may name.
+        loras: LoRA adapters clients may name in generate_image/edit_image, `{name: file.safetensors}`
+            (a model loaded here only; clients see the names, never give paths).
     """
+    if loras and not hasattr(model, "loras"):
+        raise InvalidInputError("loras apply to a model loaded here; a served model's adapters are set up on its server")
     images = ImageStore(output_dir, allowed_dirs, max_input_pixels=model.limits.max_input_pixels)
-    tools = InternVLUTools(model, images, ReasoningStore(), JobRunner())
+    tools = InternVLUTools(model, images, ReasoningStore(), JobRunner(), lora.named_adapters(loras or {}))
     readable = ", ".join(str(folder) for folder in [*images.allowed_dirs, images.output_dir])
     server = _InternVLUServer(
         "internvl-u",
@@ -124,14 +129,23 @@ def build_server(
     return server
 
 
+class LoraPick(BaseModel):
+    """One adapter from the server's list, and how strongly it acts."""
+
+    name: str = Field(min_length=1, max_length=64, description="An adapter name from the list in the description.")
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0, description="1 as trained, 0 not at all.")
+
+
 class InternVLUTools:
     """The four tools' work: resolve references, run the model one job at a time, present results."""
 
-    def __init__(self, model: InternVLUModel, images: ImageStore, reasonings: ReasoningStore, runner: JobRunner):
+    def __init__(self, model: InternVLUModel, images: ImageStore, reasonings: ReasoningStore, runner: JobRunner,
+                 loras: dict | None = None):
         self.model = model
         self.images = images
         self.reasonings = reasonings
         self.runner = runner
+        self.loras = loras or {}  # name -> adapter file, the operator's list
 
     async def understand(
         self, ctx: Context, refs: list[str], question: str, max_new_tokens: int | None
@@ -182,12 +196,12 @@ class InternVLUTools:
         return _result([TextContent(type="text", text=text)], result)
 
     async def generate(self, ctx: Context, prompt: str, seed: int | None, reasoning_id: str | None,
-                       **settings: Any) -> CallToolResult:
-        return await self._draw(ctx, prompt, [], seed, reasoning_id, settings)
+                       loras: list[LoraPick] | None = None, **settings: Any) -> CallToolResult:
+        return await self._draw(ctx, prompt, [], seed, reasoning_id, settings, loras)
 
     async def edit(self, ctx: Context, refs: list[str], instruction: str, seed: int | None,
-                   reasoning_id: str | None, **settings: Any) -> CallToolResult:
-        return await self._draw(ctx, instruction, refs, seed, reasoning_id, settings)
+                   reasoning_id: str | None, loras: list[LoraPick] | None = None, **settings: Any) -> CallToolResult:
+        return await self._draw(ctx, instruction, refs, seed, reasoning_id, settings, loras)
 
     async def _draw(
         self,
@@ -197,10 +211,12 @@ class InternVLUTools:
         seed: int | None,
         reasoning_id: str | None,
         settings: dict[str, Any],
+        loras: list[LoraPick] | None = None,
     ) -> CallToolResult:
         """Shared by generate and edit: resolve inputs, draw the request on the model, save and present."""
         with _refusals_as_tool_errors():
             stored = None if reasoning_id is None else self.reasonings.get(reasoning_id)
+            chosen = lora.pick_named(self.loras, [(pick.name, pick.scale) for pick in loras or []])
             loaded = await self._load(refs)
             request = DrawRequest(
                 prompt, tuple(item.image for item in loaded), seed=_seed(seed),
@@ -208,7 +224,9 @@ class InternVLUTools:
             )
 
             def job(step: StepReporter) -> list[Image.Image]:
-                return request.run(self.model, callback=lambda done, total, _latents: step("denoising", done, total))
+                with lora.adapters_on(self.model, chosen):
+                    return request.run(self.model,
+                                       callback=lambda done, total, _latents: step("denoising", done, total))
 
             pictures = await self.runner.run(job, ctx.report_progress)
         if loaded:
@@ -323,6 +341,11 @@ class _Arguments:
 def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None:
     """Register the four tools, their argument bounds taken from `limits`."""
     arguments = _Arguments(limits)
+    offered = ", ".join(sorted(tools.loras)) or "none on this server"
+    arguments.loras = Annotated[
+        list[LoraPick] | None,
+        Field(max_length=8, description=f"LoRA adapters (styles, subjects) to apply, by name: {offered}."),
+    ]
     for add in (_add_understand_image, _add_reason, _add_generate_image, _add_edit_image):
         add(server, tools, arguments)
 
@@ -397,9 +420,10 @@ def _add_generate_image(server: MCPServer, tools: InternVLUTools, a: _Arguments)
         num_images: a.num_images = None,
         guidance_scale: a.guidance = None,
         reasoning_id: a.reasoning_id = None,
+        loras: a.loras = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.generate(
-            ctx, prompt, seed, reasoning_id,
+            ctx, prompt, seed, reasoning_id, loras,
             width=width, height=height, steps=steps, num_images=num_images, all_cfg_scale=guidance_scale,
         )
 
@@ -429,9 +453,10 @@ def _add_edit_image(server: MCPServer, tools: InternVLUTools, a: _Arguments) -> 
         guidance_scale: a.guidance = None,
         image_guidance_scale: a.image_guidance = None,
         reasoning_id: a.reasoning_id = None,
+        loras: a.loras = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.edit(
-            ctx, images, instruction, seed, reasoning_id,
+            ctx, images, instruction, seed, reasoning_id, loras,
             width=width, height=height, steps=steps, num_images=num_images,
             all_cfg_scale=guidance_scale, part_cfg_scale=image_guidance_scale,
         )

@@ -8,7 +8,8 @@ from typing import Any
 MODEL_FOLDER = "InternVL-U"
 EXAMPLE_IMAGE = "example.png"  # ships in ComfyUI's input/ folder
 CAPTION_FOLDER = "dataset"  # a folder of images the user puts in ComfyUI's input/ folder
-QWEN_IMAGE_VAE = "qwen_image_vae.safetensors"  # ComfyUI's Qwen-Image VAE file, in models/vae/
+QWEN_IMAGE_VAE = "qwen_image_vae.safetensors"
+EXAMPLE_LORA = "internvlu_style.safetensors"  # an adapter in models/internvl_u_loras/ (train-lora writes them)  # ComfyUI's Qwen-Image VAE file, in models/vae/
 SERVER_URL = "http://127.0.0.1:8091"  # where `internvl-u serve` listens by default
 LOCAL_SETUP = (
     "Put the InternVL-U checkpoint folder in `ComfyUI/models/internvl_u/InternVL-U` "
@@ -276,8 +277,9 @@ CAPTION_FOLDER_WORKFLOW = Workflow(
     "InternVL-U: caption a folder of images",
     f"Captions every image of ComfyUI/input/{CAPTION_FOLDER} (one answer per image: Understand's "
     "per_image mode, images of equal size batched) and saves each as <name>.png with its caption in "
-    "<name>.txt in ComfyUI/output/captions, the layout LoRA trainers read. The progress bar counts "
-    "images; Cancel stops before anything is written.",
+    "<name>.txt in ComfyUI/output/captions, the layout LoRA trainers read: `internvl-u train-lora --data "
+    f"ComfyUI/output/captions --out ComfyUI/models/internvl_u_loras/{EXAMPLE_LORA}` turns it into an adapter for "
+    "the InternVL-U LoRA node. The progress bar counts images; Cancel stops before anything is written.",
     [
         _loader(),
         Node(2, "InternVLU_LoadImageFolder", {"folder": CAPTION_FOLDER, "limit": 0}),
@@ -364,6 +366,44 @@ REMOTE_SERVER = Workflow(
     "api_key_env). ComfyUI's Python needs httpx.",
 )
 
+LORA_GENERATE = Workflow(
+    "internvlu_lora_generate",
+    "InternVL-U: text to image with a LoRA",
+    "The LoRA node adds an adapter to the model for the nodes after it; the Loader's other branch still draws "
+    "with the base model (same prompt and seed, for comparison). Chain LoRA nodes for several adapters, each "
+    "with its own strength (0 gives the base image back exactly).",
+    [
+        _loader(),
+        Node(2, "InternVLU_LoRA", {"model": Link(1), "lora_name": EXAMPLE_LORA, "strength": 1.0}),
+        Node(
+            3,
+            "InternVLU_Generate",
+            {
+                "model": Link(2),
+                "prompt": "A red fox sitting in the snow under a pine tree, morning light",
+                **_image_controls(1024, 1024, 42, "1:1 (1024x1024)"),
+            },
+            title="Generate (with LoRA)",
+        ),
+        _save(4, 3, "InternVL-U/lora"),
+        Node(
+            5,
+            "InternVLU_Generate",
+            {
+                "model": Link(1),
+                "prompt": "A red fox sitting in the snow under a pine tree, morning light",
+                **_image_controls(1024, 1024, 42, "1:1 (1024x1024)"),
+            },
+            title="Generate (base model)",
+        ),
+        _save(6, 5, "InternVL-U/base"),
+    ],
+    setup=f"{LOCAL_SETUP} Put an adapter in `ComfyUI/models/internvl_u_loras/` (or `models/loras/`), e.g. one "
+    f"written by `internvl-u train-lora --data ComfyUI/output/captions --out "
+    f"ComfyUI/models/internvl_u_loras/{EXAMPLE_LORA}` from the caption-folder workflow's output, and pick it in "
+    "the LoRA node.",
+)
+
 WORKFLOWS = [
     IMAGE_QA,
     MULTI_IMAGE,
@@ -375,4 +415,5 @@ WORKFLOWS = [
     CAPTION_FOLDER_WORKFLOW,
     LATENT_TO_VAE_DECODE,
     REMOTE_SERVER,
+    LORA_GENERATE,
 ]
