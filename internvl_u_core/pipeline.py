@@ -234,14 +234,18 @@ class InternVLUPipeline:
             )
         say("Loading VLM")
         vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
+        if plan is not None and plan.quantizes_on_load:
+            say(f"Quantising the LLM as it loads: {plan.describe()}")
         load_weights_into(
             vlm, vlm_folder, dtype=dtype, device=quantized_home, optional=vlm.tied_weight_names,
             dtype_overrides={"language_model.": plan.dtype} if plan is not None else None,
+            replace=quantizing.language_model_on_load(vlm, plan),
+            tied=dict.fromkeys(vlm.tied_weight_names, "language_model.model.embed_tokens.weight"),
         )
-        if vlm.config.tie_word_embeddings:
-            vlm.language_model.tie_weights()
+        if vlm.config.tie_word_embeddings and type(vlm.language_model.lm_head) is torch.nn.Linear:
+            vlm.language_model.tie_weights()  # a head quantised on load was read from the embedding
         vlm.eval()
-        if plan is not None:
+        if plan is not None and not plan.quantizes_on_load:
             say(f"Quantising the LLM: {plan.describe()}")
             quantizing.quantize_language_model(vlm, plan)
         decoder = vae = scheduler = None
@@ -250,6 +254,9 @@ class InternVLUPipeline:
             folder = component_folder(root, "generation_decoder")
             if plan is None:
                 decoder = load_generation_decoder(folder, dtype, home)
+            elif plan.quantizes_on_load:
+                say(f"Quantising the DiT as it loads: {plan.describe()}")
+                decoder = load_generation_decoder(folder, plan.dtype, quantized_home, plan)
             else:
                 decoder = load_generation_decoder(folder, plan.dtype, quantized_home)
                 say(f"Quantising the DiT: {plan.describe()}")
@@ -1080,7 +1087,10 @@ def _split_kwargs(kwargs: dict, mode: str) -> tuple[dict, dict]:
     return text, diffusion
 
 
-def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_generation_decoder(
+    folder: Path, dtype: torch.dtype, device: torch.device, plan: quantizing.QuantizationPlan | None = None
+):
+    """The generation decoder, built on the meta device; a plan that quantises on load does it here."""
     from .transformer import InternVLUGenerationDecoder
 
     config = read_json(folder / "config.json")
@@ -1088,7 +1098,8 @@ def load_generation_decoder(folder: Path, dtype: torch.dtype, device: torch.devi
         decoder = _build_on_meta(lambda: InternVLUGenerationDecoder.from_config_dict(config))
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'} is not a valid generation-decoder config: {exc}") from exc
-    load_weights_into(decoder, folder, dtype=dtype, device=device)
+    load_weights_into(decoder, folder, dtype=dtype, device=device,
+                      replace=quantizing.generation_decoder_on_load(decoder, plan))
     return decoder.eval()
 
 
