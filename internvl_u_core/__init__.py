@@ -3,6 +3,9 @@
 Our own implementation of the released checkpoint layout; no ``trust_remote_code``.
 """
 
+from importlib import import_module
+from importlib.util import find_spec
+
 from .errors import (
     CheckpointNotDownloaded,
     GenerationCancelled,
@@ -12,9 +15,29 @@ from .errors import (
     ModelLoadError,
 )
 from .limits import DEFAULT_LIMITS, Limits, random_seed
-from .loading import DEFAULT_HUB_ID, download_checkpoint
-from .pipeline import InternVLUPipeline, InternVLUPipelineOutput, Reasoning
-from .remote import RemoteError, RemoteInternVLU
+from .options import DEFAULT_HUB_ID
+
+# The names below need torch; they are imported on first use (PEP 562), so that the command line's
+# --help and the adapters' light modules can import this package without paying for torch.
+_LAZY = {
+    "download_checkpoint": ".loading",
+    "InternVLUPipeline": ".pipeline",
+    "InternVLUPipelineOutput": ".pipeline",
+    "Reasoning": ".pipeline",
+    "RemoteError": ".remote",
+    "RemoteInternVLU": ".remote",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. .offload
+        return import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_HUB_ID",

@@ -8,10 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image
-
-from . import offload, quantization
-from . import validation as check
 from .errors import CheckpointNotDownloaded, InternVLUError, InvalidInputError
 from .limits import (
     DEFAULT_ANSWER_TOKENS,
@@ -21,7 +17,17 @@ from .limits import (
     DEFAULT_STEPS,
     random_seed,
 )
-from .loading import DEFAULT_HUB_ID
+from .options import (
+    DEFAULT_HUB_ID,
+    OFFLOAD_MODE_HELP,
+    OFFLOAD_MODES,
+    QUANTIZATION_MODE_HELP,
+    QUANTIZATION_MODES,
+    ArgumentNames,
+)
+
+# This module imports nothing heavy at module level (torch, PIL, the pipeline are imported when a
+# command runs), so that --help, --version and mistyped flags answer at once.
 
 MODEL_ENV = "INTERNVL_U_MODEL"
 
@@ -45,17 +51,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_memory_options(group) -> None:
     """``--quantize`` and ``--offload``, with the core's modes (shared by the adapters' commands)."""
-    group.add_argument("--quantize", default=None, choices=quantization.MODES, metavar="MODE",
+    group.add_argument("--quantize", default=None, choices=QUANTIZATION_MODES, metavar="MODE",
                        help="smaller weights for the LLM and the DiT: "
-                            + "; ".join(f"{m}: {quantization.MODE_HELP[m]}" for m in quantization.MODES)
+                            + "; ".join(f"{m}: {QUANTIZATION_MODE_HELP[m]}" for m in QUANTIZATION_MODES)
                             + " (default: full precision)")
-    group.add_argument("--offload", nargs="?", const="model", default=None, choices=offload.MODES, metavar="MODE",
+    group.add_argument("--offload", nargs="?", const="model", default=None, choices=OFFLOAD_MODES, metavar="MODE",
                        help="keep the weights in CPU memory and move them to the CUDA GPU while they run (needs "
-                            "CUDA): " + "; ".join(f"{m}: {offload.MODE_HELP[m]}" for m in offload.MODES)
+                            "CUDA): " + "; ".join(f"{m}: {OFFLOAD_MODE_HELP[m]}" for m in OFFLOAD_MODES)
                             + " (--offload alone: model)")
 
 
-def check_memory_options(args, names: check.ArgumentNames) -> None:
+def check_memory_options(args, names: ArgumentNames) -> None:
     """Refuse a --device, --quantize or --offload this machine cannot run, before anything is loaded."""
     from .pipeline import check_load_options
 
@@ -178,7 +184,7 @@ class _StepBar:
 
 
 _TEXT_ARGUMENT = {"understand": "question", "reason": "prompt", "generate": "prompt", "edit": "instruction"}
-CLI_NAMES = check.ArgumentNames(
+CLI_NAMES = ArgumentNames(
     width="--width", height="--height", steps="--steps", num_images="--num-images", all_cfg_scale="--cfg",
     part_cfg_scale="--part-cfg", seed="--seed", device="--device", max_new_tokens="--max-new-tokens",
     min_new_tokens="--min-new-tokens", do_sample="--sample", temperature="--temperature", top_p="--top-p",
@@ -192,6 +198,8 @@ def _check_arguments(args) -> None:
     Replaces ``args.image`` with the decoded images, fills in a random seed where none was given and
     adds ``args.outputs`` (the files to write) for the drawing commands.
     """
+    from . import validation as check
+
     limits = DEFAULT_LIMITS
     if not args.model:
         raise InvalidInputError(
@@ -221,6 +229,8 @@ def _check_arguments(args) -> None:
 
 
 def _seed_or_random(seed: int | None, limits) -> int:
+    from . import validation as check
+
     if seed is not None:
         return check.optional_seed(seed, limits, "--seed")
     seed = random_seed()
@@ -255,6 +265,8 @@ def _output_paths(output: str, count: int, mkdir: bool) -> list[tuple[Path, str]
 
 def _save_formats() -> dict[str, str]:
     """File suffix → PIL format name, for the RGB formats this Pillow can write."""
+    from PIL import Image
+
     Image.init()
     return {ext: fmt for ext, fmt in Image.registered_extensions().items() if fmt in _RGB_FORMATS and fmt in Image.SAVE}
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointNotDownloaded, ModelLoadError
+from .options import DEFAULT_HUB_ID
 
-#: The released weights on the Hugging Face hub (what the CLI, nodes, tools and docs show).
-DEFAULT_HUB_ID = "InternVL-U/InternVL-U"
 #: The official code repository; people pass it by mistake, it holds no weights.
 CODE_REPOSITORY_ID = "OpenGVLab/InternVL-U"
 COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")

@@ -28,15 +28,10 @@ from torch import nn
 
 from . import validation as check
 from .errors import InvalidInputError, InvalidInputTypeError
+from .options import OFFLOAD_MODE_HELP, OFFLOAD_MODES
 
-#: The offload modes, from the fastest to the least GPU memory (None = everything stays on the device).
-MODES = ("model", "group", "sequential")
-#: One line per mode, for help texts and tooltips.
-MODE_HELP = {
-    "model": "each component moves to the GPU whole while it runs (fastest rung)",
-    "group": "the ViT, LLM and DiT blocks stream to the GPU one block at a time, prefetched on a CUDA stream",
-    "sequential": "every layer moves to the GPU only for its own call (least GPU memory, slowest)",
-}
+MODES = OFFLOAD_MODES  # the names and help texts live in .options (importable without torch)
+MODE_HELP = OFFLOAD_MODE_HELP
 _CPU = torch.device("cpu")
 # The LLM's children that move whole in group and sequential mode (see _hook): the embedding (and
 # with it the tied LM head) and the rotary table.

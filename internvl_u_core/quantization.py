@@ -40,17 +40,11 @@ from torch import nn
 from .errors import InvalidInputError, InvalidInputTypeError
 from .loading import LinearBuilder, StoredTensor
 from .offload import move_except
+from .options import QUANTIZATION_MODE_HELP, QUANTIZATION_MODES
 from .validation import API_NAMES, ArgumentNames, _no_cuda
 
-#: The quantisation modes, in the order the surfaces list them (None = full precision).
-MODES = ("int8", "fp8", "nf4", "bf16")
-#: One line per mode, for help texts and tooltips.
-MODE_HELP = {
-    "int8": "8-bit integer weights for the LLM and the DiT (CUDA: torchao; CPU: PyTorch dynamic int8, fastest there)",
-    "fp8": "8-bit float weights for the LLM and the DiT (torchao; CUDA GPUs of compute capability 8.9+)",
-    "nf4": "4-bit NormalFloat weights for the LLM and the DiT (bitsandbytes; CUDA only)",
-    "bf16": "bfloat16 weights for the LLM and the DiT; the ViT and the VAE keep torch_dtype (worth it on the CPU)",
-}
+MODES = QUANTIZATION_MODES  # the names and help texts live in .options (importable without torch)
+MODE_HELP = QUANTIZATION_MODE_HELP
 #: DiT modules kept in full precision in every mode: everything outside the transformer blocks.
 DIT_FULL_PRECISION = ["img_in", "txt_in", "time_text_embed", "norm_out", "proj_out"]
 #: What to install for the CUDA modes (the extras of ``pyproject.toml``).

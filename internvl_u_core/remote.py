@@ -25,6 +25,7 @@ from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
 from .files import png_bytes, png_data_uri
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
+from .options import API_KEY_ENV, is_server_url
 from .pipeline import Reasoning, check_reasoning
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
@@ -33,16 +34,6 @@ MISSING_EXTRA = (
     'RemoteInternVLU needs httpx; install the [remote] extra: pip install -e ".[remote]" in your clone, '
     'or pip install "httpx>=0.27"'
 )
-#: The environment variable holding the server's key: ``internvl-u serve`` reads it for ``--api-key``,
-#: and a client given no key sends it.
-API_KEY_ENV = "INTERNVL_U_API_KEY"
-
-
-def is_server_url(model) -> bool:
-    """Whether a ``model`` argument names a server (``http://…``/``https://…``) rather than a checkpoint."""
-    return isinstance(model, str) and model.lower().startswith(("http://", "https://"))
-
-
 class RemoteError(InternVLUError):
     """The server could not be reached, or refused a request for a reason other than its arguments.
 

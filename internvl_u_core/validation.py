@@ -10,7 +10,6 @@ import io
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,35 +17,7 @@ from PIL import Image
 
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
 from .limits import DEFAULT_LIMITS, Limits
-
-
-@dataclass(frozen=True)
-class ArgumentNames:
-    """How one surface spells the arguments in error messages: Python keywords or CLI flags."""
-
-    width: str = "width"
-    height: str = "height"
-    steps: str = "steps"
-    num_images: str = "num_images"
-    all_cfg_scale: str = "all_cfg_scale"
-    part_cfg_scale: str = "part_cfg_scale"
-    seed: str = "seed"
-    device: str = "device"
-    max_new_tokens: str = "max_new_tokens"
-    min_new_tokens: str = "min_new_tokens"
-    do_sample: str = "do_sample"
-    temperature: str = "temperature"
-    top_p: str = "top_p"
-    num_beams: str = "num_beams"
-    quantization: str = "quantization"
-    offload: str = "offload"
-    flags: bool = False  # CLI style: "--device cpu" rather than "device='cpu'"
-
-    def setting(self, argument: str, value) -> str:
-        """``argument`` set to ``value`` as this surface writes it."""
-        name = getattr(self, argument)
-        return f"{name} {value}" if self.flags else f"{name}={value!r}"
-
+from .options import ArgumentNames
 
 #: The friendly methods' keywords (``generate(steps=…, num_images=…)``).
 API_NAMES = ArgumentNames()

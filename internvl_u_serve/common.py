@@ -12,7 +12,7 @@ import sys
 
 from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
-from internvl_u_core.remote import API_KEY_ENV, is_server_url
+from internvl_u_core.options import API_KEY_ENV, is_server_url
 
 #: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
 #: False or "auto".

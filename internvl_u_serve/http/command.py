@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from internvl_u_core.remote import API_KEY_ENV
+from internvl_u_core.options import API_KEY_ENV
 from internvl_u_serve.common import add_model_options, load_pipeline, model_problem
 
 MISSING_EXTRA = (
