@@ -10,7 +10,9 @@ Which library does the work depends on the device, chosen by measurement (``benc
 "Quantisation"). On CUDA the LLM goes through transformers' quantisation configs and the DiT through
 diffusers' (torchao for int8 and fp8, bitsandbytes for nf4). On the CPU, torchao's int8 kernels are
 slower than float32, while PyTorch's own dynamic int8 (fbgemm/x86: int8 weights per output channel,
-activations quantised on the fly) decodes several times faster, so ``int8`` uses that there.
+activations quantised on the fly) decodes several times faster, so ``int8`` uses that there. It
+quantises each Linear while the checkpoint loads (:func:`dynamic_int8_linear`, reading the float32
+rows a block at a time), so the float32 LLM and DiT are never resident and int8 peaks below float32.
 
 =========  ==========================================================  ==================================
 mode       CUDA                                                        CPU
