@@ -148,7 +148,7 @@ class PipelineLoading:
         say("Loading VLM")
         vlm = _build_on_meta(lambda: InternVLUChatModel(vlm_config, str(vlm_folder / "config.json")))
         if plan is not None and plan.quantizes_on_load:
-            say(f"Quantising the LLM as it loads: {plan.describe()}")
+            say(f"Quantising the LLM: {plan.describe()}, each layer as it loads")
         load_weights_into(
             vlm, vlm_folder, dtype=dtype, device=quantized_home, optional=vlm.tied_weight_names,
             dtype_overrides={"language_model.": plan.dtype} if plan is not None else None,
@@ -168,7 +168,7 @@ class PipelineLoading:
             if plan is None:
                 decoder = load_generation_decoder(folder, dtype, home)
             elif plan.quantizes_on_load:
-                say(f"Quantising the DiT as it loads: {plan.describe()}")
+                say(f"Quantising the DiT: {plan.describe()}, each layer as it loads")
                 decoder = load_generation_decoder(folder, plan.dtype, quantized_home, plan)
             else:
                 decoder = load_generation_decoder(folder, plan.dtype, quantized_home)
