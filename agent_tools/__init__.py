@@ -8,6 +8,15 @@ tools = toolkit.get_tools()  # understand_image, reason, generate_image, edit_im
 ```
 """
 
+try:
+    import langchain_core  # noqa: F401
+except ImportError as exc:  # say which extra brings it, like the servers do
+    raise ModuleNotFoundError(
+        'agent_tools needs LangChain; install the [agents] extra: pip install -e ".[agents]" in your clone, '
+        'or pip install "langchain-core>=1.0,<2"',
+        name=exc.name,
+    ) from exc
+
 from agent_tools.base import InternVLUTool
 from agent_tools.images import ImageStore, LoadedImage, StoredImage
 from agent_tools.progress import PROGRESS_EVENT

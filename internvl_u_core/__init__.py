@@ -20,7 +20,7 @@ from .options import DEFAULT_HUB_ID
 # The names below need torch; they are imported on first use (PEP 562), so that the command line's
 # --help and the adapters' light modules can import this package without paying for torch.
 _LAZY = {
-    "download_checkpoint": ".loading",
+    "download_checkpoint": ".download",
     "InternVLUPipeline": ".pipeline",
     "InternVLUPipelineOutput": ".pipeline",
     "Reasoning": ".pipeline",

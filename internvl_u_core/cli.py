@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from .download import add_command as add_download_command
 from .errors import CheckpointNotDownloaded, InternVLUError, InvalidInputError
 from .limits import (
     DEFAULT_ANSWER_TOKENS,
@@ -109,11 +112,48 @@ def _add_image_options(parser: argparse.ArgumentParser, size_help: str) -> None:
                        help="encode/decode large images in tiles to save memory (tiny seams possible)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a "did you mean" for mistyped subcommands and choices (subparsers inherit it)."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            known = re.findall(r"'([^']*)'", choice.group(2)) or [c.strip() for c in choice.group(2).split(",")]
+            message += _did_you_mean(choice.group(1), known)
+        super().error(message)
+
+
+def _did_you_mean(word: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=2, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]) -> None:
+    """What parse_args does with arguments nobody took, but in the subcommand's words, with suggestions."""
+    command_parser = _subcommands(parser).choices.get(getattr(args, "command", None), parser)
+    flags = [s for action in command_parser._actions for s in action.option_strings]
+    hints = []
+    for extra in extras:
+        if extra.startswith("-"):
+            close = difflib.get_close_matches(extra.split("=", 1)[0], flags, n=1, cutoff=0.6)
+            if close:
+                hints.append(close[0])
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    command_parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from . import __version__
+
+    parser = _Parser(
         prog="internvl-u",
         description="Run InternVL-U: answer questions about images, reason, generate and edit images.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     understand = sub.add_parser("understand", help="answer a question about zero, one or several images")
@@ -142,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="an input image; repeat for several reference images")
     _add_model_options(edit)
     _add_image_options(edit, "default: the first input image's size")
+    add_download_command(sub)
     _add_plugin_commands(sub)
     return parser
 
@@ -179,7 +220,7 @@ class _StepBar:
         elapsed = time.perf_counter() - self.start
         sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} {elapsed:5.1f}s")
         if step >= total:
-            sys.stderr.write("\n")
+            sys.stderr.write("\ndecoding the image with the VAE …\n")
         sys.stderr.flush()
 
 
@@ -198,25 +239,35 @@ def _check_arguments(args) -> None:
     Replaces ``args.image`` with the decoded images, fills in a random seed where none was given and
     adds ``args.outputs`` (the files to write) for the drawing commands.
     """
-    from . import validation as check
-
     limits = DEFAULT_LIMITS
     if not args.model:
         raise InvalidInputError(
             f"no model given; pass --model {DEFAULT_HUB_ID} (the released weights) or a checkpoint folder, "
             f"or set ${MODEL_ENV}"
         )
+    if not _is_hub_id(args.model):  # a folder: its layout is checked first, before torch is even imported
+        args.model = _find_model(args)
+    from . import validation as check
+
     check_memory_options(args, CLI_NAMES)
     text_argument = _TEXT_ARGUMENT[args.command]
     check.text(getattr(args, text_argument), text_argument, limits)
+    if not getattr(args, text_argument).strip():
+        raise InvalidInputError(
+            f"the {text_argument} is empty; {_EMPTY_ADVICE[args.command]}, e.g. "
+            f"internvl-u {args.command} \"{_EXAMPLES[args.command]}\""
+        )
     check.system_prompt(args.system_prompt, limits, "--system-prompt")
     args.image = check.image_list(getattr(args, "image", None), "--image", allow_empty=True, limits=limits)
     if args.command in ("understand", "reason"):
         check.text_kwargs(_text_kwargs(args), None, limits, CLI_NAMES)
+        args.model = _find_model(args)  # a hub id: downloaded (once) only after every other check
         if args.sample:
             args.seed = _seed_or_random(args.seed, limits)
         return
     check.requested_size(args.height, args.width, None, limits, CLI_NAMES)
+    if args.image and args.width is None and args.height is None:
+        _fit_to_the_limits(args, limits)
     check.steps(args.steps, limits, "--steps")
     check.num_images(args.num_images, limits, "--num-images")
     for value, name in ((args.cfg, "--cfg"), (args.part_cfg, "--part-cfg")):
@@ -225,7 +276,59 @@ def _check_arguments(args) -> None:
     if args.reasoning:
         check.integer(args.reasoning_tokens, "--reasoning-tokens", 1, limits.max_new_tokens)
     args.outputs = _output_paths(args.output, args.num_images, args.mkdir)
+    args.model = _find_model(args)  # a hub id: downloaded (once) only after every other check
     args.seed = _seed_or_random(args.seed, limits)
+
+
+def _fit_to_the_limits(args, limits) -> None:
+    """An edit draws at its first image's size; a larger photo is drawn at the largest size allowed, said once."""
+    from . import validation as check
+
+    first = args.image[0]
+    fitted = check.fitted_size(first.width, first.height, limits)
+    if fitted != first.size:
+        args.width, args.height = fitted
+        width, height = first.info.get("original_size", first.size)
+        print(f"internvl-u: note: the first --image ({width}×{height}) is larger than an output may be "
+              f"({limits.max_side} pixels a side, {limits.max_pixels:,} in all); drawing at {fitted[0]}×{fitted[1]} "
+              "(pass --width and --height to choose)", file=sys.stderr)
+
+
+_EMPTY_ADVICE = {"understand": "ask a question", "reason": "describe the image or the edit",
+                 "generate": "describe what to draw", "edit": "say what to change"}
+_EXAMPLES = {"understand": "What is in this picture?", "reason": "a lighthouse at dusk",
+             "generate": "a red fox in fresh snow", "edit": "make the sky stormy"}
+
+
+def _is_hub_id(model: str) -> bool:
+    from .download import HUB_ID_PATTERN
+
+    return bool(HUB_ID_PATTERN.match(model)) and not Path(model).expanduser().exists()
+
+
+def _find_model(args) -> str:
+    """The checkpoint folder behind --model, its layout checked (a hub id is downloaded once, here).
+
+    A folder is checked before anything else (nothing heavy imported yet), a hub id after every other
+    argument (it may download); both before the seed line, so a wrong --model is refused at once.
+    """
+    from .download import COMPONENTS, component_folder, resolve_checkpoint
+
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+    root = resolve_checkpoint(args.model, local_files_only=args.offline, revision=args.revision, progress=progress)
+    if not (root / "model_index.json").is_file():
+        raise InvalidInputError(
+            f"--model {args.model!r}: {root} has no model_index.json; pass the folder of an InternVL-U "
+            f"checkpoint in the released layout (internvl-u download --local-dir FOLDER fetches one)"
+        )
+    needed = ("vlm", "processor") if args.command in ("understand", "reason") else COMPONENTS
+    for name in needed:
+        component_folder(root, name)
+    return str(root)
 
 
 def _seed_or_random(seed: int | None, limits) -> int:
@@ -325,6 +428,7 @@ def run(args) -> int:
     else:
         pictures = pipe.edit(args.image, prompt, **common)
     for picture, (path, image_format) in zip(pictures, args.outputs):
+        print(f"writing {path} …", file=sys.stderr, flush=True)
         picture.save(path, format=image_format, **_SAVE_OPTIONS.get(image_format, {}))
         print(path)
     return 0
@@ -334,7 +438,10 @@ _SAVE_OPTIONS = {"JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _refuse_unknown(parser, args, extras)
     handler = getattr(args, "handler", None)
     try:
         return handler(args) if handler is not None else run(args)

@@ -41,7 +41,9 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     `..` parts are collapsed and checked before anything on disk is looked at, so the
     answer never reveals whether a file outside the roots exists; symlinks are then
     resolved and checked again, so a link inside a root cannot lead out of it.
-    Relative paths are tried against each root in order.
+    A relative path is tried from the working directory first (``photos/lake.png`` with the root
+    ``photos``, as a user types it in a shell), then against each root in order (``lake.png``);
+    only the tries that land inside a root count, and the error lists them.
     """
     if not roots:
         raise InvalidInputError(
@@ -50,9 +52,9 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     real_roots = [root.resolve() for root in roots]
     try:
         candidate = Path(ref)
-        bases = [None] if candidate.is_absolute() else real_roots
-        within = [Path(os.path.normpath(base / candidate if base else candidate)) for base in bases]
-        within = [path for path in within if _inside(path, [*real_roots, *map(_absolute, roots)])]
+        bases = [None] if candidate.is_absolute() else [Path.cwd(), *real_roots]
+        tries = [Path(os.path.normpath(base / candidate if base else candidate)) for base in bases]
+        within = list(dict.fromkeys(path for path in tries if _inside(path, [*real_roots, *map(_absolute, roots)])))
         if not within:
             raise _outside(ref, real_roots)
         for path in within:
@@ -66,7 +68,8 @@ def resolve_allowed_path(ref: str, roots: Sequence[Path]) -> Path:
     except (OSError, ValueError) as error:
         raise InvalidInputError(f"'{ref}' is not a usable file path: {error}.") from error
     raise InvalidInputError(
-        f"No file at '{ref}' (looked in {_listing(real_roots)}). Check the name or use an image_id from an earlier result."
+        f"No file at '{ref}' (looked for {_listing(within)}; readable folders: {_listing(real_roots)}). "
+        "Check the name or use an image_id from an earlier result."
     )
 
 
@@ -167,9 +170,7 @@ class ImageStore:
         while path.exists():
             image_id = _new_image_id()
             path = self.output_dir / f"{image_id}.png"
-        partial = self.output_dir / f".{image_id}.partial"
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
+        write_atomically(path, png_bytes(image))
         return StoredImage(path=path, width=image.width, height=image.height, image_id=image_id)
 
     def add(self, source: Image.Image | str | os.PathLike[str]) -> StoredImage:
@@ -227,6 +228,31 @@ class ImageStore:
             ) from error
         except (OSError, SyntaxError) as error:
             raise InvalidInputError(f"'{ref}' could not be decoded: {error}.") from error
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` complete or not at all: a hidden temporary file beside it, flushed to
+    disk (fsync), then renamed over ``path``; on any failure the temporary file is removed."""
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with open(partial, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself reaches the disk with the folder's entry
+        folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # e.g. Windows, where folders cannot be opened
+    try:
+        os.fsync(folder)
+    except OSError:
+        pass
+    finally:
+        os.close(folder)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -30,6 +30,9 @@ class Limits:
     max_pixels: int = 4096 * 4096  # requested width × height
     max_steps: int = 1000
     max_guidance_scale: float = 30.0  # guidance scales are in [0, this]
+    min_flow_shift: float = 0.01  # the scheduler's time shift is in [this, max_flow_shift]
+    max_flow_shift: float = 100.0  # larger shifts squeeze every timestep onto 1000 and break the schedule
+    max_timestep_trunc: float = 1000.0  # guidance renormalisation threshold in [-this, this] (<= 0: never)
     max_output_images: int = 64  # images drawn per prompt in one call
     max_seed: int = 2**64 - 1
     max_new_tokens: int = 32768
@@ -39,6 +42,10 @@ class Limits:
     max_input_file_pixels: int = 256_000_000  # image files claiming more are refused before decoding
     max_prompt_chars: int = 200_000  # checked before tokenising
     max_prompt_tokens: int | None = None  # None: the model's context length
+
+    def describe(self) -> dict:
+        """The bounds as JSON-ready ``{name: value}`` (what a server shows its clients)."""
+        return dict(vars(self))
 
 
 #: The bounds every surface starts from; change a field here and the CLI, nodes and tools follow.

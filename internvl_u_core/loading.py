@@ -6,34 +6,16 @@ Only safetensors are read: pickle checkpoints (``.bin``/``.pt``) can execute cod
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointNotDownloaded, ModelLoadError
-from .options import DEFAULT_HUB_ID
+from .download import COMPONENTS, component_folder, download_checkpoint, resolve_checkpoint  # noqa: F401 (re-exported)
+from .errors import ModelLoadError
 
-#: The official code repository; people pass it by mistake, it holds no weights.
-CODE_REPOSITORY_ID = "OpenGVLab/InternVL-U"
-COMPONENTS = ("vlm", "generation_decoder", "vae", "scheduler", "processor")
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_PATTERNS = [
-    "model_index.json",
-    "*/config.json",
-    "*/*.safetensors",
-    "*/*.safetensors.index.json",
-    "scheduler/scheduler_config.json",
-    "processor/*.json",
-    "processor/*.txt",
-    "processor/*.jinja",
-    "processor/*.model",
-]
 
 
 # Loggers of optional backends that shout while transformers/diffusers import them (e.g. torchao's
@@ -61,85 +43,6 @@ def import_model_libraries() -> None:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def resolve_checkpoint(
-    path_or_id: str | os.PathLike,
-    *,
-    local_files_only: bool = False,
-    revision: str | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Return the local root folder of a checkpoint, downloading a hub id only when asked to."""
-    if not isinstance(path_or_id, (str, os.PathLike)):
-        raise ModelLoadError(
-            f"model must be a folder path or a Hugging Face hub id, got {type(path_or_id).__name__}"
-        )
-    text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelLoadError(f"{path} is a file; pass the checkpoint folder that holds model_index.json")
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise ModelLoadError(
-            f"model folder {text!r} does not exist and is not a hub id of the form 'owner/name' "
-            f"(the released model is {DEFAULT_HUB_ID!r})"
-        )
-    return download_checkpoint(text, revision=revision, local_files_only=local_files_only, progress=progress)
-
-
-def download_checkpoint(
-    hub_id: str,
-    *,
-    local_dir: str | os.PathLike | None = None,
-    revision: str | None = None,
-    local_files_only: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Fetch the files the pipeline reads (configs, processor, safetensors; never pickles) of a hub checkpoint.
-
-    Into the Hugging Face cache, or into ``local_dir`` (the ComfyUI model folder). With
-    ``local_files_only`` (or ``HF_HUB_OFFLINE=1``) only an earlier download is used.
-    """
-    if hub_id.lower() == CODE_REPOSITORY_ID.lower():
-        raise ModelLoadError(
-            f"{hub_id!r} is the GitHub code repository, not the weights; the released model is "
-            f"{DEFAULT_HUB_ID!r} on the Hugging Face hub"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
-        raise ModelLoadError("downloading from the hub needs the huggingface_hub package") from exc
-    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false")
-    if progress:
-        progress(f"Fetching {hub_id} from the Hugging Face hub" + (" cache" if offline else ""))
-    try:
-        folder = snapshot_download(
-            hub_id,
-            revision=revision,
-            allow_patterns=_HUB_PATTERNS,
-            local_files_only=offline,
-            local_dir=None if local_dir is None else os.fspath(local_dir),
-        )
-    except Exception as exc:  # the hub raises many unrelated types; all mean "not available"
-        if offline:
-            raise CheckpointNotDownloaded(hub_id) from exc
-        raise ModelLoadError(
-            f"could not download {hub_id!r} from the Hugging Face hub: check the id, your network and, for "
-            f"gated repos, `hf auth login` ({type(exc).__name__}: {exc})"
-        ) from exc
-    return Path(folder)
-
-
-def component_folder(root: Path, name: str) -> Path:
-    folder = root / name
-    if not folder.is_dir():
-        raise ModelLoadError(
-            f"checkpoint {root} has no '{name}/' folder; a released InternVL-U checkpoint has "
-            f"{', '.join(c + '/' for c in COMPONENTS)} and model_index.json"
-        )
-    return folder
 
 
 def read_json(path: Path) -> dict:

@@ -8,7 +8,7 @@ together from one part per concern, each in its own module:
 * ``pipeline_devices``: devices, offloading, tiling, compiling, sizes;
 * ``pipeline_text``: ``understand``, ``understand_each``, ``reason``, ``next_token_logits``;
 * ``pipeline_images``: ``generate``, ``edit`` and the denoising loop;
-* ``pipeline_batching``: ``generate_batch`` (servers);
+* ``pipeline_batching``: ``generate_batch`` and ``check_request`` (servers);
 * ``pipeline_latents``: latents ↔ pictures (``decode_latents``, ``to_vae_latents`` ...).
 
 Every name importable from this module before the split still is.
@@ -90,6 +90,8 @@ class InternVLUPipeline(PipelineLoading, PipelineDevices, TextJobs, ImageJobs, B
         self.root = root
         self.codec = LatentCodec(vae) if vae is not None else None
         self._lock = threading.RLock()
+        self._admission_lock = threading.Lock()
+        self._admission_processor: InternVLUProcessor | None = None  # check_request's own tokenizer
         #: How the LLM and the DiT are quantised (None: full precision); see ``internvl_u_core.quantization``.
         self.quantization = quantization
         self._offload: offloading.Offloader | None = None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
 from PIL import Image
 
 from . import validation as check
+from .conditioning import reassemble_with_reasoning
 from .errors import InvalidInputError, InvalidInputTypeError
 from .limits import DEFAULT_STEPS
 from .pipeline_types import Conditioning, Reasoning
@@ -40,7 +42,7 @@ def _merge_conditions(conditions: list[Conditioning]) -> Conditioning:
 
 
 class BatchedImages:
-    """``generate_batch`` (a part of :class:`InternVLUPipeline`)."""
+    """``generate_batch`` and ``check_request``, for servers (a part of :class:`InternVLUPipeline`)."""
 
     def generate_batch(
         self,
@@ -112,3 +114,33 @@ class BatchedImages:
             cond = _merge_conditions([cond for _, cond in prepared])
             latents = self._sample(batch, cond, settings, callback, trace)
             return self._to_pictures(latents, (settings.width, settings.height), trace)
+
+    def check_request(
+        self, prompt: str, image_count: int, *, mode: str = "image", reasoning: Reasoning | None = None,
+        system_prompt: str | None = None, max_new_tokens: int = 0,
+    ) -> None:
+        """The checks a call makes of one prompt's content, without running the model (for servers' admission).
+
+        ``mode`` is ``"text"`` (understand), ``"text_image"`` (reason) or ``"image"`` (generate/edit, with
+        ``reasoning`` if it follows one). Raises what the call would: a reasoning made for other images or
+        with ids outside the vocabulary, image slots that do not match the images, a prompt (plus
+        ``max_new_tokens``) longer than the model's context. A server runs this before queueing, so a
+        request that would fail inside a shared batch is refused alone.
+        """
+        self._check_reasoning(reasoning, [None] * image_count, "reasoning")
+        placeholders = [Image.new("RGB", (1, 1))] * image_count  # token counts do not depend on image sizes
+        with self._admission_lock:
+            # A tokenizer of its own: a fast tokenizer used from two threads at once can fail ("Already
+            # borrowed"), and the model's own may be busy with a running job.
+            if self._admission_processor is None:
+                self._admission_processor = copy.copy(self.processor)
+                self._admission_processor.tokenizer = copy.deepcopy(self.processor.tokenizer)
+            rows_mode = "text_image" if mode == "image" and reasoning is not None else mode  # as _prepare_conditioning
+            batch = self._admission_processor([prompt], [placeholders], rows_mode, system_prompt)
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
+        if reasoning is not None:
+            input_ids, attention_mask = reassemble_with_reasoning(
+                input_ids, attention_mask, self._reasoning_ids(reasoning), n=1, im_end_id=self.im_end_id,
+                img_id=self.img_id,
+            )
+        check.prompt_length(input_ids.shape[1], max_new_tokens, self.max_prompt_tokens, "prompt")

@@ -122,10 +122,11 @@ class ImageJobs:
             )
 
     def _default_size(self, pictures, width, height) -> tuple[int | None, int | None]:
-        """Each missing side defaults to the first input image's (at least the smallest size); text-to-image keeps None."""
+        """Each missing side defaults to the first input image's, fitted to the size limits; text-to-image keeps None."""
         if pictures:
-            width = max(pictures[0].width, self.limits.min_side) if width is None else width
-            height = max(pictures[0].height, self.limits.min_side) if height is None else height
+            fitted_width, fitted_height = check.fitted_size(pictures[0].width, pictures[0].height, self.limits)
+            width = fitted_width if width is None else width
+            height = fitted_height if height is None else height
         return width, height
 
     def _check_reasoning(self, reasoning, pictures, name: str) -> None:
@@ -161,8 +162,8 @@ class ImageJobs:
                 default_part if part_cfg_scale is None else part_cfg_scale, names.part_cfg_scale, self.limits
             ),
             generator=check.generator(generator),
-            timestep_trunc=check.finite(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, "timestep_trunc"),
-            flow_shift=check.positive(FLOW_SHIFT if flow_shift is None else flow_shift, "flow_shift"),
+            timestep_trunc=check.timestep_trunc(RENORM_TIMESTEP if timestep_trunc is None else timestep_trunc, self.limits),
+            flow_shift=check.flow_shift(FLOW_SHIFT if flow_shift is None else flow_shift, self.limits),
         )
 
     def _generate_images(self, prompts, images, system_prompt, settings, reasoning_ids, callback) -> list[Image.Image]:
@@ -302,6 +303,10 @@ class ImageJobs:
         trace.record("diffusion.initial_latents", latents)
         scheduler = make_scheduler(self.scheduler, settings.flow_shift)
         scheduler.set_timesteps(settings.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            # Start at the first timestep even where rounding repeats it (many steps, a strong shift): looked
+            # up by value, the solver would start one step in and run past its last sigma (IndexError).
+            scheduler.set_begin_index(0)
         timestep_scale = decoder.decoder.config.timestep_scale
         total = len(scheduler.timesteps)
         for index, t in enumerate(scheduler.timesteps):

@@ -10,6 +10,7 @@ from . import validation as check
 from .errors import GenerationCancelled
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS
 from .pipeline_types import Reasoning
+from .streaming import IncrementalDecoder
 from .textgen import TextCallback, TokenCallback, generate_tokens
 
 
@@ -130,13 +131,18 @@ class TextJobs:
         seed = check.optional_seed(seed, self.limits)
         system_prompt = check.system_prompt(system_prompt, self.limits)
         streaming = text_callback is not None and kwargs.get("num_beams", 1) == 1
-        ids_callback = (lambda new_ids: text_callback(self._decode(new_ids[:1])[0])) if streaming else None
+        decoder = IncrementalDecoder(self._decode_list) if streaming else None
         with self._lock:
             ids = self._generate_text(
-                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback, ids_callback
+                [text], [pictures], mode, system_prompt, kwargs, seed, token_callback,
+                self._streaming_text(decoder, text_callback) if streaming else None,
             )
-        if text_callback is not None and not streaming:  # beam search knows its answer only at the end
-            check.run_text_callback(text_callback, self._decode(ids)[0])
+        if text_callback is not None:
+            # Beam search knows its answer only at the end; a stream ends on the whole answer, with any
+            # incomplete character the last tokens left (decoded as U+FFFD) that it held back.
+            answer = self._decode(ids)[0]
+            if not streaming or decoder.text != answer:
+                check.run_text_callback(text_callback, answer)
         return ids, pictures
 
     @torch.inference_mode()
@@ -186,3 +192,15 @@ class TextJobs:
     def max_prompt_tokens(self) -> int:
         context = int(getattr(self.vlm.language_model.config, "max_position_embeddings", 32768))
         return min(context, self.limits.max_prompt_tokens or context)
+
+    @staticmethod
+    def _streaming_text(decoder: IncrementalDecoder, text_callback: TextCallback):
+        """An ids callback that hands ``text_callback`` the answer so far, decoding only each step's new tokens."""
+        def on_ids(new_ids: torch.Tensor):  # once per token, as before: a split character adds no text yet
+            decoder.push(new_ids[0, decoder.token_count :].tolist())
+            return text_callback(decoder.text)
+
+        return on_ids
+
+    def _decode_list(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)

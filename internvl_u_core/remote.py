@@ -15,7 +15,9 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -24,9 +26,10 @@ from PIL import Image
 from . import validation as check
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
 from .files import png_bytes, png_data_uri
-from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
+from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, random_seed
 from .options import API_KEY_ENV, is_server_url
-from .pipeline import Reasoning, check_reasoning
+from .pipeline import Reasoning
+from .requests import DrawRequest
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 
@@ -34,19 +37,27 @@ MISSING_EXTRA = (
     'RemoteInternVLU needs httpx; install the [remote] extra: pip install -e ".[remote]" in your clone, '
     'or pip install "httpx>=0.27"'
 )
+#: The longest wait between two attempts of a request, in seconds (a server's Retry-After included).
+MAX_RETRY_WAIT = 30.0
+
+logger = logging.getLogger("internvl_u_core.remote")
+
+
 class RemoteError(InternVLUError):
     """The server could not be reached, or refused a request for a reason other than its arguments.
 
     ``status_code`` is the HTTP status (``None`` when there was no answer), ``code`` the error code
     the server gave (e.g. ``queue_full``), ``retry_after`` its ``Retry-After`` in seconds.
+    ``retryable``: the same request may succeed if sent again (a 503, a dropped connection).
     """
 
     def __init__(self, message: str, status_code: int | None = None, code: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, *, retryable: bool | None = None):
         super().__init__(message)
         self.status_code = status_code
         self.code = code
         self.retry_after = retry_after
+        self.retryable = (status_code == 503 or code in ("replica_unavailable", "shutting_down")) if retryable is None else retryable
 
 
 class RemoteInternVLU:
@@ -56,10 +67,17 @@ class RemoteInternVLU:
     ``api_key`` its ``--api-key`` (``None``: ``$INTERNVL_U_API_KEY`` if set; ``""``: no key), ``timeout``
     the seconds one request may take, ``model`` the name to send (``None``: the server's only model).
     Results equal the in-process pipeline's for the same arguments and seed.
+
+    A request answered 503 (a replica restarting, a server shutting down) or whose connection
+    dropped is sent again up to ``retries`` times, after ``backoff`` seconds, doubled each time (or
+    the server's ``Retry-After`` if longer; at most 30 s). That is safe because every request is
+    deterministic: one given no seed gets one chosen here, before its first attempt. A streamed
+    request starts over, so its callbacks see the progress again from the first step.
+    ``retries=0`` sends each request once.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, *, timeout: float = 600.0,
-                 model: str | None = None):
+                 model: str | None = None, retries: int = 3, backoff: float = 1.0):
         try:
             import httpx
         except ImportError as exc:
@@ -69,6 +87,10 @@ class RemoteInternVLU:
         base = base_url.rstrip("/")
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.model = model
+        self.retries = check.integer(retries, "retries", 0, 100)
+        self.backoff = check.finite(backoff, "backoff")
+        if self.backoff < 0:
+            raise InvalidInputError(f"backoff must be 0 or more seconds, got {backoff}")
         self.limits = replace(DEFAULT_LIMITS)  # for checks made here (as the pipeline's); the server applies its own
         if api_key is None:
             api_key = os.environ.get(API_KEY_ENV)
@@ -194,9 +216,11 @@ class RemoteInternVLU:
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
         """Text to image. With ``reasoning`` from :meth:`reason` this equals ``text_image`` mode."""
-        prompt = check.text(prompt, "prompt", self.limits)
-        fields = self._draw_fields(prompt, [], width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                                   flow_shift, seed, generator, num_images, reasoning, system_prompt, callback)
+        request = DrawRequest(
+            prompt, (), seed, num_images, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
+            flow_shift, system_prompt, reasoning,
+        )
+        fields = self._draw_fields(request, generator, callback)
         return self._images("/v1/images/generations", callback, json_body=fields)
 
     def edit(
@@ -221,9 +245,11 @@ class RemoteInternVLU:
         """Edit one or several input images following ``instruction``; output size defaults to the first input's."""
         instruction = check.text(instruction, "instruction", self.limits)
         pictures = check.image_list(images, "images", allow_empty=False, limits=self.limits)
-        fields = self._draw_fields(instruction, pictures, width, height, steps, all_cfg_scale, part_cfg_scale,
-                                   timestep_trunc, flow_shift, seed, generator, num_images, reasoning, system_prompt,
-                                   callback)
+        request = DrawRequest(
+            instruction, tuple(pictures), seed, num_images, width, height, steps, all_cfg_scale, part_cfg_scale,
+            timestep_trunc, flow_shift, system_prompt, reasoning,
+        )
+        fields = self._draw_fields(request, generator, callback)
         form = {name: _form_value(value) for name, value in fields.items()}
         files = [("image", (f"image{i}.png", png_bytes(picture), "image/png")) for i, picture in enumerate(pictures)]
         return self._images("/v1/images/edits", callback, form=form, files=files)
@@ -249,7 +275,7 @@ class RemoteInternVLU:
             "messages": messages, "modalities": ["text"], "think": think,
             "max_tokens": sampling["max_new_tokens"], "min_tokens": sampling.get("min_new_tokens", 0),
             "do_sample": sampling.get("do_sample", False), "num_beams": sampling.get("num_beams", 1),
-            "seed": check.optional_seed(seed, self.limits),
+            "seed": self._seed(seed),
         }
         if body["do_sample"]:
             body.update(temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0))
@@ -257,34 +283,24 @@ class RemoteInternVLU:
             body["temperature"] = 0  # greedy, in OpenAI's (and vLLM's) words too
         return self._with_model(body)
 
-    def _draw_fields(self, prompt, pictures, width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc,
-                     flow_shift, seed, generator, num_images, reasoning, system_prompt, callback) -> dict:
+    def _draw_fields(self, request: DrawRequest, generator, callback) -> dict:
         if generator is not None:
             raise InvalidInputTypeError("generator cannot be sent to a server; pass seed=... instead")
-        check_reasoning(reasoning, len(pictures))
-        for name, side in (("width", width), ("height", height)):
-            if side is not None:
-                check.integer(side, name, self.limits.min_side, self.limits.max_side)
-        steps = check.steps(steps, self.limits)
-        # Both sides as OpenAI's size; one side alone in the width/height extension fields (the pipeline
-        # then uses it for both, as in-process).
-        size = f"{width}x{height}" if width is not None and height is not None else None
+        request = request.checked(self.limits)
+        request = replace(request, seed=self._seed(request.seed))  # a retry repeats the same seed
         fields = {
-            "prompt": prompt, "n": check.num_images(num_images, self.limits), "size": size,
-            "width": width if size is None else None, "height": height if size is None else None,
-            "num_inference_steps": steps, "seed": check.optional_seed(seed, self.limits),
-            "all_cfg_scale": _optional_scale(all_cfg_scale, "all_cfg_scale", self.limits),
-            "part_cfg_scale": _optional_scale(part_cfg_scale, "part_cfg_scale", self.limits),
-            "timestep_trunc": None if timestep_trunc is None else check.finite(timestep_trunc, "timestep_trunc"),
-            "flow_shift": None if flow_shift is None else check.positive(flow_shift, "flow_shift"),
-            "system_prompt": check.system_prompt(system_prompt, self.limits),
-            "reasoning": None if reasoning is None else reasoning.to_dict(),
+            **request.wire_fields(),
             "think": False,  # local generate/edit never think first, whatever the server's default
             "response_format": "b64_json",
         }
         if callback is not None:  # progress with a preview at every step
-            fields.update(stream=True, partial_images=steps)
-        return self._with_model({k: v for k, v in fields.items() if v is not None})
+            fields.update(stream=True, partial_images=request.steps)
+        return self._with_model(fields)
+
+    def _seed(self, seed) -> int | None:
+        """The checked seed; when retrying, one chosen here for a request given none (retries repeat it)."""
+        seed = check.optional_seed(seed, self.limits)
+        return random_seed() if seed is None and self.retries else seed
 
     def _with_model(self, body: dict) -> dict:
         if self.model is not None:
@@ -296,6 +312,9 @@ class RemoteInternVLU:
         if token_callback is None and text_callback is None:
             return self._post_json("/v1/chat/completions", body)
         body["stream"] = True
+        return self._retrying(lambda: self._stream_chat(body, token_callback, text_callback))
+
+    def _stream_chat(self, body: dict, token_callback, text_callback) -> dict:
         total = body["max_tokens"]
         text, tokens, final = "", 0, None
         with contextlib.closing(self._events("/v1/chat/completions", json=body)) as stream:
@@ -318,7 +337,7 @@ class RemoteInternVLU:
                 if text_callback is not None:
                     check.run_text_callback(text_callback, text)
         if final is None:
-            raise RemoteError("the server ended the stream without a final chunk")
+            raise RemoteError("the server ended the stream without a final chunk", retryable=True)
         final["choices"][0]["message"] = {"role": "assistant", "content": text}
         return final
 
@@ -327,8 +346,11 @@ class RemoteInternVLU:
             if json_body is not None:
                 answer = self._post_json(path, json_body)
             else:
-                answer = self._request("POST", path, data=form, files=files).json()
+                answer = self._retrying(lambda: self._request("POST", path, data=form, files=files).json())
             return [_image(item["b64_json"]) for item in answer["data"]]
+        return self._retrying(lambda: self._stream_images(path, callback, json_body, form, files))
+
+    def _stream_images(self, path: str, callback, json_body, form, files) -> list[Image.Image]:
         pictures: dict[int, Image.Image] = {}
         with contextlib.closing(self._events(path, json=json_body, data=form, files=files)) as stream:
             for data in stream:
@@ -339,20 +361,45 @@ class RemoteInternVLU:
                     preview = _image(data["b64_json"]) if "b64_json" in data else None
                     check.run_callback(callback, data["step"], data["total_steps"], preview)
         if not pictures:
-            raise RemoteError("the server ended the stream without an image")
+            raise RemoteError("the server ended the stream without an image", retryable=True)
         return [pictures[i] for i in sorted(pictures)]
 
     # ------------------------------------------------------------------------------------------
     # HTTP
     # ------------------------------------------------------------------------------------------
     def _post_json(self, path: str, body: dict) -> dict:
-        return self._request("POST", path, json=body).json()
+        return self._retrying(lambda: self._request("POST", path, json=body).json())
+
+    def _retrying(self, attempt: Callable[[], object]):
+        """``attempt()``, made again after a retryable failure, at most ``retries`` more times."""
+        for number in range(1, self.retries + 2):
+            try:
+                return attempt()
+            except RemoteError as exc:
+                if not exc.retryable or not self.retries:
+                    raise
+                if number > self.retries:
+                    raise RemoteError(
+                        f"{exc} (gave up after {number} attempts; RemoteInternVLU(retries=...) sets how many)",
+                        exc.status_code, exc.code, exc.retry_after, retryable=True,
+                    ) from exc
+                wait = min(max(self.backoff * 2 ** (number - 1), exc.retry_after or 0.0), MAX_RETRY_WAIT)
+                logger.warning("%s: %s; attempt %d of %d in %.1f s", self.base_url, exc, number + 1,
+                               self.retries + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _dropped(self, exc) -> bool:
+        """A connection refused, reset or cut short (worth another attempt), not a timeout."""
+        return isinstance(exc, self._httpx.TransportError) and not isinstance(
+            exc, (self._httpx.ReadTimeout, self._httpx.WriteTimeout, self._httpx.PoolTimeout))
 
     def _request(self, method: str, path: str, **kwargs):
         try:
             response = self._client.request(method, path, **kwargs)
         except self._httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach the InternVL-U server at {self.base_url}: {exc}") from exc
+            raise RemoteError(f"cannot reach the InternVL-U server at {self.base_url}: {exc}",
+                              retryable=self._dropped(exc)) from exc
         _raise_for_status(response)
         return response
 
@@ -375,7 +422,7 @@ class RemoteInternVLU:
                         _raise_error(data["error"], None, None)
                     yield data
         except self._httpx.HTTPError as exc:
-            raise RemoteError(f"the connection to {self.base_url} failed: {exc}") from exc
+            raise RemoteError(f"the connection to {self.base_url} failed: {exc}", retryable=self._dropped(exc)) from exc
 
 
 def _raise_for_status(response) -> None:
@@ -395,10 +442,6 @@ def _raise_error(error: dict, status: int | None, retry_after: float | None):
     if status in (400, 404, 413, 422) or (status is None and code == "invalid_value"):
         raise InvalidInputError(message)
     raise RemoteError(message, status_code=status, code=code, retry_after=retry_after)
-
-
-def _optional_scale(value, name: str, limits) -> float | None:
-    return None if value is None else check.guidance_scale(value, name, limits)
 
 
 def _form_value(value) -> str:

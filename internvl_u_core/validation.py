@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import GenerationCancelled, InvalidInputError, InvalidInputTypeError
 from .limits import DEFAULT_LIMITS, Limits
@@ -156,20 +157,29 @@ def load_image(value, name: str, limits: Limits = DEFAULT_LIMITS) -> Image.Image
         raise InvalidInputTypeError(f"{name} must be a PIL image, a file path or bytes, got {type(value).__name__}")
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
+    original_size = image.size
     image = to_rgb(image, name)
     if image.width * image.height > limits.max_input_pixels:
         scale = math.sqrt(limits.max_input_pixels / (image.width * image.height))
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         image = image.resize(size, Image.Resampling.LANCZOS)
+    if image.size != original_size:  # downscaled here or by JPEG draft decoding: say from what
+        image.info["original_size"] = original_size
     return image
 
 
 def _open_encoded(source, label: str, name: str, limits: Limits) -> Image.Image:
     """Open an image file lazily (header only) and refuse or draft-downscale it before any pixel is decoded."""
     try:
-        image = Image.open(source)  # reads the header only
+        with warnings.catch_warnings():  # our own bound (max_input_file_pixels, below) decides, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)  # reads the header only
     except Image.DecompressionBombError as exc:
         raise InvalidInputError(f"{name}: {label} is too large to open safely ({exc}); downscale it first") from exc
+    except UnidentifiedImageError:  # Pillow's text names an in-memory object, not the file
+        raise InvalidInputError(
+            f"{name}: cannot read {label}: it is not an image file Pillow can read (PNG, JPEG, WebP, BMP, TIFF, GIF …)"
+        ) from None
     except OSError as exc:
         raise InvalidInputError(f"{name}: cannot read {label} as an image ({exc})") from exc
     if image.width * image.height > limits.max_input_file_pixels:
@@ -190,11 +200,13 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         if image.mode == "RGB":
             image.load()
             return image
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        if image.mode.startswith("I;16"):
+            return Image.fromarray(_sixteen_to_eight_bits(image), mode="L").convert("RGB")
+        if image.mode == "I":
             import numpy as np
 
             array = np.asarray(image, dtype=np.float64)
-            peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+            peak = max(float(array.max()), 1.0)
             array = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
             return Image.fromarray(array, mode="L").convert("RGB")
         if image.mode == "F":
@@ -211,6 +223,52 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidInputError(f"{name}: cannot decode the image ({exc})") from exc
+
+
+def _sixteen_to_eight_bits(image: Image.Image):
+    """``round(v / 65535 · 255)`` per pixel, in bands of rows: integer arithmetic, a few MB of scratch at most.
+
+    ``v · 255 / 65535 = v / 257`` is never exactly halfway between two integers, so adding half the
+    divisor before the integer division rounds as ``numpy.round`` did on the float64 copy it replaces
+    (which cost 8 bytes per pixel, plus temporaries).
+    """
+    import numpy as np
+
+    source = np.asarray(image)  # uint16 (or its byte-swapped twin), 2 bytes per pixel
+    out = np.empty(source.shape, dtype=np.uint8)
+    band = max(1, (1 << 20) // max(source.shape[1], 1))
+    for top in range(0, source.shape[0], band):
+        rows = source[top : top + band].astype(np.uint32)
+        out[top : top + band] = (rows * 255 + 32767) // 65535
+    return out
+
+
+def image_header(data: bytes, name: str, limits: Limits = DEFAULT_LIMITS,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Encoded bytes from an untrusted client, opened lazily: refused from the header alone (no pixel decoded)
+    when the format is not in ``formats`` or the image has more than ``limits.max_input_pixels`` pixels.
+
+    Unlike :func:`load_image` (which downscales a large local file), nothing above the limit is decoded
+    at all, so a tiny file that claims a huge image costs no memory. Decode the result with :func:`to_rgb`.
+    """
+    label = f"the {len(data):,}-byte upload"
+    try:
+        image = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError:
+        image = None
+    except (OSError, SyntaxError, ValueError) as exc:
+        kinds = ", ".join(formats) if formats else "PNG, JPEG, WebP, GIF, BMP, …"
+        if isinstance(exc, UnidentifiedImageError):
+            raise InvalidInputError(f"{name}: cannot read {label}: it is not an image file of a known kind ({kinds})") from None
+        raise InvalidInputError(f"{name}: {label} has a damaged image header; send a valid image file") from None
+    if image is None or image.width * image.height > limits.max_input_pixels:
+        size = "" if image is None else f" is {image.width}×{image.height} pixels,"
+        raise InvalidInputError(
+            f"{name}: {label}{size} more than the {limits.max_input_pixels:,} pixels allowed; downscale it first"
+        )
+    if image.width < 1 or image.height < 1:
+        raise InvalidInputError(f"{name}: image has no pixels ({image.width}×{image.height})")
+    return image
 
 
 def image_list(value, name: str, *, allow_empty: bool, limits: Limits = DEFAULT_LIMITS) -> list[Image.Image]:
@@ -268,14 +326,25 @@ def prompts_and_images(
     return prompts, per_prompt
 
 
+def shown(value, limit: int = 60) -> str:
+    """``value`` as an error message quotes it: a huge integer by its length, anything else cut to ``limit`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def integer(value, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise InvalidInputTypeError(f"{name} must be an integer, got {value!r}")
+            raise InvalidInputTypeError(f"{name} must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        raise InvalidInputError(f"{name} = {value} is out of range; allowed {low}…{high}")
+        raise InvalidInputError(f"{name} = {shown(value)} is out of range; allowed {low}…{high}")
     return int(value)
 
 
@@ -284,17 +353,38 @@ def finite(value, name: str) -> float:
         isinstance(value, torch.Tensor) and value.numel() == 1
     ):
         raise InvalidInputTypeError(f"{name} must be a number, got {type(value).__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidInputError(f"{name} = {shown(value)} must be a finite number") from None
     if not math.isfinite(number):
-        raise InvalidInputError(f"{name} = {value} must be a finite number")
+        raise InvalidInputError(f"{name} = {shown(value)} must be a finite number")
     return number
 
 
 def positive(value, name: str) -> float:
     number = finite(value, name)
     if number <= 0:
-        raise InvalidInputError(f"{name} = {value} must be > 0")
+        raise InvalidInputError(f"{name} = {shown(value)} must be > 0")
     return number
+
+
+def in_range(value, name: str, low: float, high: float) -> float:
+    """A finite number in ``[low, high]``."""
+    number = finite(value, name)
+    if not low <= number <= high:
+        raise InvalidInputError(f"{name} = {shown(value)} is out of range; allowed {low:g}…{high:g}")
+    return number
+
+
+def flow_shift(value, limits: Limits = DEFAULT_LIMITS, name: str = "flow_shift") -> float:
+    """The scheduler's time shift; beyond ``limits.max_flow_shift`` every timestep rounds to 1000."""
+    return in_range(value, name, limits.min_flow_shift, limits.max_flow_shift)
+
+
+def timestep_trunc(value, limits: Limits = DEFAULT_LIMITS, name: str = "timestep_trunc") -> float:
+    """Guidance is renormalised at timesteps above this (timesteps run 1000 … 0; ``<= 0``: at every step)."""
+    return in_range(value, name, -limits.max_timestep_trunc, limits.max_timestep_trunc)
 
 
 def token_ids(value, name: str, vocabulary: int | None = None) -> tuple[int, ...]:
@@ -320,7 +410,7 @@ def num_images(value, limits: Limits = DEFAULT_LIMITS, name: str = "num_images")
 def guidance_scale(value, name: str, limits: Limits = DEFAULT_LIMITS) -> float:
     scale = finite(value, name)
     if not 0 <= scale <= limits.max_guidance_scale:
-        raise InvalidInputError(f"{name} = {value} is out of range; allowed 0…{limits.max_guidance_scale:g}")
+        raise InvalidInputError(f"{name} = {shown(value)} is out of range; allowed 0…{limits.max_guidance_scale:g}")
     return scale
 
 
@@ -333,6 +423,18 @@ def image_size(height, width, limits: Limits = DEFAULT_LIMITS, names: ArgumentNa
             "(limits.max_pixels)"
         )
     return height, width
+
+
+def fitted_size(width: int, height: int, limits: Limits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """``(width, height)`` scaled down, keeping the aspect ratio, to the largest size a drawing may have.
+
+    An input image's size is the default output size of an edit; a photo larger than the limits
+    (``max_side``, ``max_pixels``) is drawn at this size instead of being refused under a size the
+    caller never gave. Sizes within the limits come back unchanged (small ones raised to ``min_side``).
+    """
+    scale = min(1.0, limits.max_side / width, limits.max_side / height, math.sqrt(limits.max_pixels / (width * height)))
+    fitted = (max(limits.min_side, math.floor(width * scale)), max(limits.min_side, math.floor(height * scale)))
+    return (min(fitted[0], limits.max_side), min(fitted[1], limits.max_side))
 
 
 def requested_size(

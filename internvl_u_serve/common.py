@@ -9,9 +9,11 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from internvl_u_core.cli import CLI_NAMES, MODEL_ENV, add_memory_options, check_memory_options
 from internvl_u_core.errors import InvalidInputError
+from internvl_u_core.limits import DEFAULT_LIMITS, Limits
 from internvl_u_core.options import API_KEY_ENV, is_server_url
 
 #: The options that only describe loading a checkpoint here (attribute -> flag); unset they are None,
@@ -35,6 +37,55 @@ def add_model_options(parser: argparse.ArgumentParser, *, remote: bool = False) 
     group.add_argument("--offline", action="store_true", help="never contact the hub; use only downloaded files")
     group.add_argument("--revision", default=None, help="hub branch, tag or commit to download")
     add_memory_options(group)
+
+
+#: ``--max-*`` flag → (the ``Limits`` fields it sets, what it bounds); each may only lower the core's default.
+LIMIT_OPTIONS = {
+    "max_pixels": (("max_pixels", "max_input_pixels"), "width × height of a requested image, and the pixels of an "
+                                                       "input image (larger inputs are refused)"),
+    "max_steps": (("max_steps",), "denoising steps of one request"),
+    "max_images": (("max_output_images",), "images drawn by one request (n)"),
+    "max_input_images": (("max_images_per_prompt",), "input images of one request"),
+    "max_new_tokens": (("max_new_tokens",), "tokens of one answer or chain of thought"),
+}
+
+
+def add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """The ``--max-*`` flags that tighten what one request may ask for (serve and mcp share them)."""
+    group = parser.add_argument_group("limits per request (for a shared deployment; default: the core's)")
+    for name, (fields, what) in LIMIT_OPTIONS.items():
+        ceiling = min(getattr(DEFAULT_LIMITS, field) for field in fields)
+        group.add_argument(f"--{name.replace('_', '-')}", type=_positive_up_to(ceiling), default=None, metavar="N",
+                           help=f"at most N {what} (1-{ceiling:,}; default {ceiling:,})")
+
+
+def apply_limits(args: argparse.Namespace, limits: Limits) -> Limits:
+    """``limits`` with the ``--max-*`` flags applied (lowered, never raised); returns the same object."""
+    for name, (fields, _) in LIMIT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            for field in fields:
+                setattr(limits, field, min(getattr(limits, field), value))
+    return limits
+
+
+def served_name(model: str) -> str:
+    """What clients call the model by default: a hub id as given, a checkpoint folder by its own name
+    (never the server's full path, which would tell every client about this machine's files)."""
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith(("/", ".", "~")) or (os.altsep and os.altsep in model):
+        return path.resolve().name or "internvl-u"
+    return model
+
+
+def _positive_up_to(ceiling: int):
+    def parse(text: str) -> int:
+        value = int(text) if text.strip().isdigit() and len(text.strip()) < 20 else 0
+        if not 1 <= value <= ceiling:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in 1-{ceiling:,}")
+        return value
+
+    return parse
 
 
 def model_problem(args: argparse.Namespace, *, remote: bool = False) -> str | None:

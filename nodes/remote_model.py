@@ -52,6 +52,7 @@ class RemoteModel:
         self._api_key = api_key or ""  # "": send none (not the client's own environment default)
         self._client: Any = None
         self._lock = threading.Lock()
+        self._jobs: dict[int, int] = {}  # id(client) -> jobs using it: a client is closed only when none does
 
     def __repr__(self) -> str:
         return f"RemoteModel({self.settings.base_url!r})"
@@ -64,17 +65,24 @@ class RemoteModel:
     def client(self) -> Any:
         """The core's ``RemoteInternVLU`` for the server, created on first use."""
         with self._lock:
-            if self._client is None:
-                self._client = core().RemoteInternVLU(
-                    self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout
-                )
-            return self._client
+            return self._open()
+
+    def _open(self) -> Any:
+        if self._client is None:
+            self._client = core().RemoteInternVLU(
+                self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout
+            )
+        return self._client
 
     @contextmanager
     def use(self) -> Iterator[Any]:
-        """The client for one job; a refused key is explained in the loader's terms."""
+        """The client for one job (kept open until the job ends, even if the model is released meanwhile);
+        a refused key is explained in the loader's terms."""
+        with self._lock:
+            client = self._open()
+            self._jobs[id(client)] = self._jobs.get(id(client), 0) + 1
         try:
-            yield self.client()
+            yield client
         except core().RemoteError as error:
             if error.status_code != 401:
                 raise
@@ -84,16 +92,23 @@ class RemoteModel:
                 "the server's --api-key before starting ComfyUI.",
                 status_code=error.status_code, code=error.code,
             ) from error
+        finally:
+            with self._lock:
+                self._jobs[id(client)] -= 1
+                if not self._jobs[id(client)]:
+                    del self._jobs[id(client)]
+                    if client is not self._client:  # released while this job ran: the last job closes it
+                        client.close()
 
     def offload(self) -> None:
         """Nothing to free here: the model's memory is the server's."""
 
     def release(self) -> None:
-        """Close the connection; the next job opens a new one."""
+        """Close the connection (after the jobs that use it end); the next job opens a new one."""
         with self._lock:
-            if self._client is not None:
+            if self._client is not None and id(self._client) not in self._jobs:
                 self._client.close()
-                self._client = None
+            self._client = None
 
     def to_comfy_latent(self, pipe: Any, latents: Any) -> dict[str, Any]:
         return ServedLatent()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ from safetensors.torch import load_file
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_SETS = ("internvlu-tiny", "internvlu-tiny-c")
 TINY_CHECKPOINT = FIXTURES / "internvlu-tiny" / "checkpoint"
+#: How the core explains a missing GPU, with either torch build: the CPU wheel ("a CPU-only build
+#: without CUDA") or a CUDA wheel on a machine without a GPU ("torch 2.x+cu130 (CUDA 13.0) finds no
+#: usable GPU"). A regular expression for pytest.raises(match=...).
+NO_GPU_REASON = r"(CPU-only build without CUDA|\(CUDA [\d.]+\) finds no usable GPU)"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -84,6 +89,19 @@ def unreadable_weights(tmp_path_factory) -> Path:
     for weights in root.rglob("*.safetensors"):
         weights.write_bytes(b"not weights")
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_clone_parent_on_the_path():
+    """Take the folder holding this clone off sys.path before any test runs.
+
+    The repository root is a package (ComfyUI's entry ``__init__.py``), so pytest imports it with its
+    parent folder on sys.path. A sibling there named like a ComfyUI module (say a ComfyUI checkout
+    called ``comfy``) would then be imported as ComfyUI itself; the tests that need ComfyUI put it on
+    the path themselves.
+    """
+    parent = str(Path(__file__).resolve().parents[2])
+    sys.path[:] = [entry for entry in sys.path if entry != parent]
 
 
 @pytest.fixture(scope="session")

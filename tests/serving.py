@@ -37,7 +37,7 @@ class ServerProcess:
     Also used by ``bench/serve.py``.
     """
 
-    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None, model_name: str = MODEL,
+    def __init__(self, log_path: Path, *flags: str, api_key: str | None = None, model_name: str | None = MODEL,
                  model: Path = TINY_CHECKPOINT, threads: int | None = None):
         self.log_path = log_path
         self.model = model
@@ -61,7 +61,7 @@ class ServerProcess:
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         command = [
             sys.executable, "-m", "internvl_u_core.cli", "serve", "--model", str(self.model),
-            "--served-model-name", self.model_name, "--dtype", "float32", "--device", "cpu", "--port", str(self.port),
+            *(["--served-model-name", self.model_name] if self.model_name else []), "--dtype", "float32", "--device", "cpu", "--port", str(self.port),
             "--log-level", "warning", *self.flags,
         ]
         if self.api_key:
@@ -86,7 +86,8 @@ class ServerProcess:
         return self.process.pid
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
+        """/health; with the key (if any) it also tells the queue's numbers."""
+        return httpx.get(f"{self.url}/health", headers=self.headers, timeout=10).json()
 
     def wait_for(self, condition, timeout: float = 120.0) -> dict:
         """Poll /health until ``condition(health)`` holds (a generous bound, not a speed assertion)."""

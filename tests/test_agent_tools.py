@@ -9,6 +9,8 @@ import asyncio
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from uuid import UUID
 import numpy as np
 import pytest
 import torch
+from conftest import NO_GPU_REASON
 from langchain.agents import create_agent
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
@@ -521,7 +524,7 @@ def test_modes_this_machine_cannot_run_are_refused_when_the_toolkit_is_made(
     # pydantic reports the core's message in its ValidationError (a ValueError).
     with pytest.raises(ValueError, match="quantization='nf4' needs a CUDA GPU"):
         InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], quantization="nf4")
-    with pytest.raises(ValueError, match="offload='group' .* CUDA"):
+    with pytest.raises(ValueError, match=f"offload='group' .*{NO_GPU_REASON}"):
         InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir=folders["outputs"], offload="group")
     with pytest.raises(ValueError, match="apply when the toolkit loads the model"):
         InternVLUToolkit(model=tiny_pipeline, output_dir=folders["outputs"], quantization="int8")
@@ -638,3 +641,29 @@ def test_served_model_key_and_options(served: Any, folders: dict[str, Path], mon
     with pytest.raises(ValueError, match="api_key is for a served model"):
         InternVLUToolkit(model=FIXTURE / "checkpoint", api_key="x", output_dir=folders["outputs"])
     assert "wrong" not in repr(wrong)  # the key is a SecretStr
+
+
+def test_importing_without_langchain_names_the_agents_extra():
+    probe = "import sys; sys.modules['langchain_core'] = None; import agent_tools"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert 'pip install -e ".[agents]"' in result.stderr and "langchain-core>=1.0,<2" in result.stderr
+
+
+def test_relative_paths_resolve_from_the_working_directory_first(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With allowed_dirs=["inputs"], "inputs/fox.png" (as typed in a shell) and "fox.png" both work."""
+    monkeypatch.chdir(folders["inputs"].parent)
+    kit = InternVLUToolkit(model=FIXTURE / "checkpoint", output_dir="outputs", allowed_dirs=["inputs"])
+    for ref in ("inputs/fox.png", "fox.png", str(folders["inputs"] / "fox.png")):
+        message = invoke(kit, "understand_image", images=[ref], question="?")
+        assert "No file" not in message.text and "outside" not in message.text, (ref, message.text)
+    missing = invoke(kit, "understand_image", images=["inputs/gone.png"], question="?")
+    here, inside = folders["inputs"] / "gone.png", folders["inputs"] / "inputs" / "gone.png"
+    assert missing.status == "error" and f"looked for {here}, {inside}" in missing.text
+    # Still confined: a path to a file beside the allowed folder is looked for only inside them.
+    beside = invoke(kit, "understand_image", images=["outside/secret.png"], question="?")
+    assert beside.status == "error" and "No file at 'outside/secret.png'" in beside.text
+    refused = invoke(kit, "understand_image", images=["../outside/secret.png"], question="?")
+    assert refused.status == "error" and "outside the folders" in refused.text, refused.text

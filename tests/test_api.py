@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from conftest import load_inputs
+from conftest import NO_GPU_REASON, load_inputs
+from PIL import Image
 
 from internvl_u_core import GenerationCancelled, InvalidInputError, Reasoning
 
@@ -132,7 +136,7 @@ def test_preview_and_components(tiny_pipe):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cpu_offload_without_cuda_is_refused_clearly(tiny_pipe):
-    with pytest.raises(InvalidInputError, match=r"enable_model_cpu_offload\(\) .* CUDA"):
+    with pytest.raises(InvalidInputError, match=rf"enable_model_cpu_offload\(\) .*{NO_GPU_REASON}"):
         tiny_pipe.enable_model_cpu_offload()
     with pytest.raises(InvalidInputError, match="nothing to offload to"):
         tiny_pipe.enable_model_cpu_offload("cpu")
@@ -165,3 +169,29 @@ def test_generator_list_must_match_the_batch(tiny_pipe):
     assert len(out.images) == 2
     with pytest.raises(InvalidInputError, match="generator"):
         tiny_pipe(["a", "b", "c"], generation_mode="image", num_inference_steps=1, generator=generators)
+
+
+def test_an_edit_of_a_photo_larger_than_the_limits_is_drawn_at_the_largest_size_allowed(tiny_pipe):
+    """No size given: the first image's, fitted to max_side/max_pixels (not refused as a width nobody passed)."""
+    photo = Image.new("RGB", (100, 60), (200, 120, 40))
+    limits = tiny_pipe.limits
+    try:
+        tiny_pipe.limits = dataclasses.replace(limits, max_side=48, max_pixels=48 * 48)
+        (edited,) = tiny_pipe.edit(photo, "make it blue", steps=1, seed=0)
+        assert edited.size == (48, 28)
+        with pytest.raises(InvalidInputError, match="width = 64 is out of range"):
+            tiny_pipe.edit(photo, "make it blue", steps=1, seed=0, width=64)
+    finally:
+        tiny_pipe.limits = limits
+
+
+def test_pil_s_decompression_bomb_warning_does_not_leak(tmp_path, monkeypatch):
+    """Our own bound (max_input_file_pixels) decides about huge files; PIL's warning would only be noise."""
+    from internvl_u_core import validation
+
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (300, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)  # 60,000 pixels: above PIL's warning level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert validation.load_image(str(path), "image").size == (300, 200)

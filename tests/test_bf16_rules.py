@@ -1,9 +1,19 @@
 """bfloat16 follows the reference's precision rules: our DiT and VAE on the reference's own bf16
 inputs give the reference's bf16 outputs (recorded in ``tests/fixtures/bf16-reference``).
 
-Measured here: both are bit-identical. The bounds below leave room for another CPU's kernels
-(a few bf16 steps at most) but not for a different rule: for example normalising the VAE's RMS
-norms in float32, as diffusers 0.38+ does, moves the decoded pixels by a mean of 3.5e-3.
+The records were made on an AVX-512 CPU, where torch runs bf16 matmuls and convolutions through
+oneDNN's bf16 kernels; on such a machine ours are bit-identical, and the tight bounds leave room
+for a few bf16 steps but not for a different rule (normalising the VAE's RMS norms in float32, as
+diffusers 0.38+ does, moves the decoded pixels by a mean of 3.5e-3).
+
+On a CPU without AVX-512 (AVX2 only) oneDNN declines bf16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
+is False) and torch's own kernels run instead; their reductions (the norms, softmax, layer norm) add
+float32 partial sums over 8 lanes instead of 16, so a norm that lands near a bf16 rounding boundary
+can round to the neighbouring value, which rescales a whole vector by one bf16 step (0.4%). Through
+the layers that reaches 40–80% of the outputs: measured on an AMD EPYC (AVX2), DiT mean 3.6e-3 (max
+0.047), VAE mean 3.0e-3 (max 0.023) on ``t2i_system_prompt``. That is as large as the rule
+difference, so there the bounds are the kernel bounds below, and the rule itself is checked on the
+same machine (same kernels on both sides), where only the rule differs.
 """
 
 from __future__ import annotations
@@ -27,6 +37,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 CHECKPOINT = FIXTURES / "internvlu-tiny-c" / "checkpoint"
 CASES = ("t2i_system_prompt", "edit_image_slot_mid")
 CPU = torch.device("cpu")
+#: Whether bf16 runs through the kernels the records were made with (oneDNN bf16, AVX-512 CPUs).
+RECORDED_KERNELS = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# (mean, worst) absolute error against the records. Recorded kernels: a few bf16 steps (observed 0, 0).
+# Other kernels (AVX2): 2-3x what an AVX2 EPYC showed (DiT 3.6e-3/0.047, VAE 3.0e-3/0.023); float32
+# compute in the DiT, a different rule, lands 0.19-0.25 away (20x the DiT bound); the VAE's rule is
+# checked on the same machine below.
+DIT_BOUND = (1e-3, 0.0625) if RECORDED_KERNELS else (1e-2, 0.0625)
+VAE_BOUND = (5e-4, 0.0157) if RECORDED_KERNELS else (6e-3, 0.047)
 
 
 def _record(case: str) -> dict[str, torch.Tensor]:
@@ -52,7 +70,7 @@ def test_dit_matches_the_reference_bf16_run(case):
     with torch.no_grad():
         out = decoder.decoder(**recorded_dit_inputs(record))
     mean, worst = _error(out, record["dit_out"])
-    assert mean <= 1e-3 and worst <= 0.0625, (mean, worst)  # observed: 0, 0
+    assert mean <= DIT_BOUND[0] and worst <= DIT_BOUND[1], (mean, worst)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,7 +78,7 @@ def test_vae_decode_matches_the_reference_bf16_run(case):
     record = _record(case)
     vae = load_vae(CHECKPOINT / "vae", torch.bfloat16, CPU)
     mean, worst = _error(_decode(vae, record), record["decoded"])
-    assert mean <= 5e-4 and worst <= 0.0157, (mean, worst)  # observed: 0, 0
+    assert mean <= VAE_BOUND[0] and worst <= VAE_BOUND[1], (mean, worst)
 
 
 @pytest.mark.skipif(Version(diffusers.__version__) < Version("0.38"), reason="diffusers < 0.38 has the reference's rule")
@@ -71,4 +89,26 @@ def test_diffusers_own_vae_norm_rule_is_outside_the_bound():
     record = _record("t2i_system_prompt")
     vae = AutoencoderKLQwenImage.from_pretrained(str(CHECKPOINT / "vae"), torch_dtype=torch.bfloat16).eval()
     mean, _ = _error(_decode(vae, record), record["decoded"])
-    assert mean > 1e-3, mean  # observed: 3.5e-3
+    assert mean > VAE_BOUND[0] or not RECORDED_KERNELS, mean  # observed: 3.5e-3 (AVX-512 and AVX2)
+
+
+@pytest.mark.skipif(Version(diffusers.__version__) < Version("0.38"), reason="diffusers < 0.38 has the reference's rule")
+@pytest.mark.parametrize("case", CASES)
+def test_our_vae_norm_rule_is_the_references_on_this_machines_kernels(case):
+    """The rule, free of kernel differences: both VAEs run here; only their RMS-norm rule differs.
+
+    Ours must stay nearer the record than diffusers' float32 rule, and the two must differ by
+    the rule's size (3.4e-3-3.6e-3 measured on AVX-512 and AVX2; kernel noise between two runs
+    here is zero).
+    """
+    from diffusers import AutoencoderKLQwenImage
+
+    record = _record(case)
+    ours = _decode(load_vae(CHECKPOINT / "vae", torch.bfloat16, CPU), record)
+    theirs = _decode(
+        AutoencoderKLQwenImage.from_pretrained(str(CHECKPOINT / "vae"), torch_dtype=torch.bfloat16).eval(), record
+    )
+    rule_gap, _ = _error(ours, theirs)
+    ours_off, theirs_off = _error(ours, record["decoded"])[0], _error(theirs, record["decoded"])[0]
+    assert rule_gap > 2e-3, rule_gap
+    assert ours_off < theirs_off, (ours_off, theirs_off)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,8 @@ def test_unreadable_images_are_refused(capsys, unreadable_weights, tmp_path):
         message = _refused(capsys, [*command, *model, "--image", str(tmp_path / "missing.png")])
         assert "--image" in message and "does not exist" in message
         message = _refused(capsys, [*command, *model, "--image", str(not_an_image)])
-        assert "--image" in message and "cannot read" in message
+        assert "--image" in message and "is not an image file Pillow can read" in message
+        assert "object at 0x" not in message  # Pillow's own text names an in-memory object
         message = _refused(capsys, [*command, *model, "--image", str(tmp_path)])
         assert "--image" in message and "is a folder" in message
 
@@ -149,6 +151,53 @@ def test_missing_model_exits_with_code_2_from_the_console():
     assert "no model given" in result.stderr and "--model InternVL-U/InternVL-U" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["generate", ""], ["understand", "  "], ["edit", "\n", "--image", FOX]])
+def test_an_empty_prompt_is_refused(capsys, unreadable_weights, command):
+    message = _refused(capsys, [*command, *_model(unreadable_weights), "--device", "cpu"])
+    assert "is empty" in message and "e.g. internvl-u" in message
+
+
+@pytest.mark.parametrize("model,words", [("no/such/folder", "does not exist"), ("EMPTY", "no model_index.json"),
+                                         ("NO_VAE", "no 'vae/' folder")])
+def test_a_bad_model_is_refused_before_the_seed_line(capsys, unreadable_weights, tmp_path, model, words):
+    if model == "EMPTY":
+        model = str(tmp_path)
+    elif model == "NO_VAE":
+        model = str(tmp_path / "checkpoint")
+        shutil.copytree(unreadable_weights, model, ignore=shutil.ignore_patterns("vae"))
+    assert main(["generate", "a fox", "--model", model, "--device", "cpu", "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "seed:" not in err and "Loading" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["generat", "x"], "did you mean generate?"),
+        (["generate", "x", "--stpes", "3"], "unrecognized arguments: --stpes 3 (did you mean --steps?)"),
+        (["generate", "x", "--dtype", "bfloat"], "did you mean bfloat16"),
+        (["understand", "x", "--max-new-tokns=3"], "did you mean --max-new-tokens?"),
+    ],
+)
+def test_mistyped_commands_flags_and_choices_get_a_suggestion(capsys, argv, words):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_version_and_help_answer_without_importing_torch():
+    """`internvl-u --help` must not pay for torch (seconds); the time itself is measured in the report, not here."""
+    probe = ("import sys; from internvl_u_core.cli import main\n"
+             "for argv in (['--version'], ['--help'], ['generate', '--help'], ['serve', '--help']):\n"
+             "    try: main(argv)\n"
+             "    except SystemExit as done: assert done.code == 0, argv\n"
+             "print('heavy:', sorted(m for m in ('torch', 'PIL', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "internvl-u 0.1.0" in result.stdout and "--quantize MODE" in result.stdout
+    assert "heavy: []" in result.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # What the commands do
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +231,8 @@ def test_generate_and_edit_write_images(tmp_path, capsys):
                  "--height", "24", "--num-images", "2", "--seed", "0"]) == 0
     first, second = tmp_path / "fox_1.png", tmp_path / "fox_2.png"
     assert Image.open(first).size == (40, 24) and second.is_file()
-    assert "denoising" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "denoising" in err and "decoding the image" in err and f"writing {first}" in err
     edited = tmp_path / "edited.png"
     assert main(["edit", *MODEL, "--image", str(first), "make it blue", "-o", str(edited), "--steps", "2",
                  "--reasoning", "--reasoning-tokens", "4", "--seed", "0"]) == 0
@@ -211,3 +261,13 @@ def test_default_seed_is_random_printed_and_reproduces(tmp_path, capsys):
     again, err = draw("again.png", "--seed", printed.group(1))
     assert "seed:" not in err  # a given seed is not announced
     assert np.array_equal(first, again)
+
+
+def test_an_edit_of_a_large_photo_says_the_size_it_will_draw_at(capsys, unreadable_weights, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (5000, 3000), (90, 140, 200)).save(photo)
+    assert main(["edit", "make it blue", "--image", str(photo), *_model(unreadable_weights), "--device", "cpu",
+                 "--seed", "1", "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert "the first --image (5000×3000) is larger than an output may be" in err and "drawing at 4096×2457" in err
+    assert "out of range" not in err and "corrupt" in err  # it went on to load (garbage weights here)

@@ -288,7 +288,10 @@ def test_generate_latent_is_the_vae_space_of_the_final_latents(model: Any) -> No
     codec = pipe.codec
     normalised = pipe.from_vae_latents(samples)
     torch.testing.assert_close(samples[:, :, 0], normalised * codec.std + codec.mean, rtol=1e-6, atol=1e-6)
-    assert torch.equal(pils_to_tensor(pipe.decode_latents(normalised)), images)
+    # Two compute paths: the node decoded the sampler's latents; here they went to the VAE space and
+    # back (float32, a few ulps off), so a pixel may round to the neighbouring grey level (seen on an
+    # AVX-512 Xeon: 1 of 4,608 values). One level is the stated tolerance; anything more is a bug.
+    torch.testing.assert_close(pils_to_tensor(pipe.decode_latents(normalised)), images, rtol=0, atol=1 / 255 + 1e-6)
 
 
 def test_edit_accepts_a_latent_instead_of_an_image(model: Any) -> None:

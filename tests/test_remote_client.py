@@ -193,8 +193,9 @@ def test_server_refusals_are_remote_errors(server):
         with pytest.raises(RemoteError) as caught:
             wrong.understand(None, "x", max_new_tokens=2)
     assert caught.value.status_code == 401
-    with RemoteInternVLU(f"http://127.0.0.1:{server.port + 1 if server.port < 65535 else 1}", timeout=5) as nowhere:
-        with pytest.raises(RemoteError) as caught:
+    with RemoteInternVLU(f"http://127.0.0.1:{server.port + 1 if server.port < 65535 else 1}", timeout=5,
+                         retries=1, backoff=0) as nowhere:
+        with pytest.raises(RemoteError, match="gave up after 2 attempts") as caught:
             nowhere.generate("x", steps=1)
     assert caught.value.status_code is None
     with pytest.raises(InvalidInputError, match="base_url"):

@@ -208,3 +208,18 @@ def test_local_loading_never_touches_the_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype=torch.float32, device="cpu")
     assert pipe.understand(None, "hi", max_new_tokens=2) is not None
+
+
+def test_atomic_writes_leave_no_temporary_file_behind(tmp_path, monkeypatch):
+    from internvl_u_core import files
+
+    store = files.ImageStore(tmp_path, max_input_pixels=10_000)
+    saved = store.save(Image.new("RGB", (4, 4), (1, 2, 3)))
+    assert saved.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        saved.path.name]
+    synced = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(files.os, "replace", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        store.save(Image.new("RGB", (4, 4)))
+    assert synced and sorted(p.name for p in tmp_path.iterdir()) == [saved.path.name]

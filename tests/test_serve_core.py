@@ -121,3 +121,38 @@ def test_reasoning_round_trips_and_is_checked(tiny_pipe):
     outside = Reasoning("t", (10**9,), "a kite", 0)
     with pytest.raises(InvalidInputError, match="reasoning.token_ids holds ids outside"):
         tiny_pipe.generate("a kite", width=32, steps=1, reasoning=outside)
+
+
+def test_check_request_refuses_what_the_call_would_and_nothing_more(tiny_pipe):
+    """The servers' admission check: the same prompt-length bound as a real call, and the reasoning checks."""
+    source = Image.open(FOX).convert("RGB")
+    rows = tiny_pipe.processor(["<image> make it blue"], [[source]], "image", None, height=32, width=32)
+    length = rows.input_ids.shape[1]
+    before = tiny_pipe.limits.max_prompt_tokens
+    try:
+        tiny_pipe.limits.max_prompt_tokens = length
+        tiny_pipe.check_request("<image> make it blue", 1)
+        tiny_pipe.limits.max_prompt_tokens = length - 1
+        with pytest.raises(InvalidInputError, match="^prompt is"):
+            tiny_pipe.check_request("<image> make it blue", 1)
+        with pytest.raises(InvalidInputError, match="^prompt is"):
+            tiny_pipe.edit(source, "<image> make it blue", width=32, height=32, steps=1, seed=1)
+    finally:
+        tiny_pipe.limits.max_prompt_tokens = before
+    with pytest.raises(InvalidInputError, match="^reasoning was made for 1"):
+        tiny_pipe.check_request("x", 0, reasoning=Reasoning("t", (1,), "x", num_images=1))
+    with pytest.raises(InvalidInputError, match="^reasoning.token_ids"):
+        tiny_pipe.check_request("x", 0, reasoning=Reasoning("t", (10**9,), "x", num_images=0))
+    with pytest.raises(InvalidInputError, match="image slots"):
+        tiny_pipe.check_request("<image> <image>", 1)
+
+
+def test_flow_shift_range_edges_run_and_beyond_is_refused(tiny_pipe):
+    """At flow_shift 100 and 20 steps the first timestep repeats after rounding; the solver still starts at
+    step 0 (it used to start one in and run past its last sigma: IndexError, a 500 on the server)."""
+    assert len(tiny_pipe.generate("x", width=16, height=16, steps=20, seed=1, flow_shift=100.0)) == 1
+    for shift in (1e30, 100.5, 0.0, 0.001):
+        with pytest.raises(InvalidInputError, match="flow_shift .* out of range"):
+            tiny_pipe.generate("x", width=16, height=16, steps=1, flow_shift=shift)
+    with pytest.raises(InvalidInputError, match="timestep_trunc .* out of range"):
+        tiny_pipe.generate("x", width=16, height=16, steps=1, timestep_trunc=1e300)

@@ -172,8 +172,9 @@ def test_a_reasoning_sent_back_draws_like_generate_with_reasoning(http, tiny_pip
 def test_models_and_health(http, server):
     models = http.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == MODEL
-    health = httpx.get(f"{server.url}/health").json()  # no key needed
-    assert health["status"] == "ok" and health["model"] == MODEL
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key needed, and nothing more told
+    health = http.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["waiting"] == 0
 
 
 def test_raw_generation_and_multipart_edit_match_in_process(http, tiny_pipe):
@@ -463,8 +464,9 @@ def test_bad_edits_get_400_naming_the_field(http, data, files, param):
 
 
 def test_other_bad_requests(http, server):
-    assert http.post("/v1/images/generations", content=b"{not json").status_code == 400
-    assert http.post("/v1/images/edits", json={"prompt": "p"}).status_code == 400  # not multipart
+    not_json = http.post("/v1/images/generations", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert not_json.status_code == 400
+    assert http.post("/v1/images/edits", json={"prompt": "p"}).status_code == 415  # not multipart
     unknown_model = http.post("/v1/images/generations", json={"model": "other", "prompt": "p"})
     assert unknown_model.status_code == 404 and unknown_model.json()["error"]["param"] == "model"
     assert http.get("/v1/nothing").status_code == 404

@@ -10,6 +10,7 @@ stopped at its next step (a batch stops when all of its jobs are cancelled).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -22,8 +23,13 @@ from PIL import Image
 
 from internvl_u_core import GenerationCancelled, Reasoning
 from internvl_u_core.files import png_bytes
+from internvl_u_core.requests import DrawRequest
 
 logger = logging.getLogger("internvl_u_serve.http")
+
+
+#: Errors that mean "this input cannot run" (answered 400), as opposed to the server failing.
+INPUT_ERRORS = (ValueError, TypeError)  # InvalidInputError and InvalidInputTypeError are these
 
 
 class QueueFull(Exception):
@@ -54,30 +60,21 @@ class TextWork:
 
 @dataclass
 class DrawWork:
-    """``generate`` (no images) or ``edit``; with ``think`` set, ``reason`` runs first with those settings."""
+    """``generate`` or ``edit`` (``request``); with ``think`` set, ``reason`` runs first with those settings."""
 
-    prompt: str
-    images: list[Image.Image]
-    seed: int
-    num_images: int
-    settings: dict  # generate()'s width, height, steps, all_cfg_scale, part_cfg_scale, timestep_trunc, flow_shift
-    system_prompt: str | None = None
-    reasoning: Reasoning | None = None
+    request: DrawRequest
     think: dict | None = None
     previews: int = 0  # partial images to stream (0: progress events only, when streaming)
     stream: bool = False
 
     @property
+    def images(self) -> tuple[Image.Image, ...]:
+        return self.request.images
+
+    @property
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share a denoising pass; ``None``: this job runs alone."""
-        if self.num_images != 1 or self.think is not None:
-            return None
-        width, height = self.settings.get("width"), self.settings.get("height")
-        if self.images:  # a missing side defaults to the first input's: the output sizes must agree
-            width = self.images[0].width if width is None else width
-            height = self.images[0].height if height is None else height
-        settings = tuple(sorted((k, v) for k, v in self.settings.items() if k not in ("width", "height")))
-        return bool(self.images), self.reasoning is not None, width, height, self.system_prompt, settings
+        return None if self.think is not None else self.request.batch_key
 
 
 @dataclass
@@ -95,28 +92,68 @@ class DrawResult:
     seconds: float = 0.0  # time in the pipeline, the whole batch's for a batched draw
 
 
+#: Most bytes of events one stream may have waiting for its client; a client that stops reading is cut
+#: off (its job cancelled) before its buffer grows past this.
+STREAM_BUFFER_BYTES = 8 * 1024 * 1024
+EVENT_OVERHEAD_BYTES = 256  # an event's JSON framing, counted with its payload
+
+
+class StreamOverflow(GenerationCancelled):
+    """The client stopped reading its stream and its waiting events passed the buffer bound."""
+
+
 @dataclass
 class Job:
     """A request's work plus the plumbing back to the event loop that waits for it."""
 
     work: TextWork | DrawWork
     loop: asyncio.AbstractEventLoop
+    stream_buffer_bytes: int = STREAM_BUFFER_BYTES
     future: asyncio.Future = field(init=False)
     events: asyncio.Queue | None = field(init=False, default=None)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    buffered: int = field(init=False, default=0)  # bytes of events waiting (touched on the event loop only)
 
     def __post_init__(self):
         self.future = self.loop.create_future()
         if self.work.stream:
             self.events = asyncio.Queue()
 
-    def emit(self, event: tuple) -> None:
-        """Send a progress event to the waiting request (called on the worker thread)."""
+    def emit(self, event: tuple, size: int = 0) -> None:
+        """Send a progress event of ``size`` payload bytes to the waiting request (called on the worker thread)."""
         if self.events is not None and not self.cancelled.is_set():
             try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+                self.loop.call_soon_threadsafe(self._push, event, size + EVENT_OVERHEAD_BYTES)
             except RuntimeError:  # the event loop has closed
                 self.cancelled.set()
+
+    def _push(self, event: tuple, size: int) -> None:
+        if self.cancelled.is_set():
+            return
+        if self.buffered + size > self.stream_buffer_bytes:
+            self.cut_off()
+            return
+        self.buffered += size
+        self.events.put_nowait((event, size))
+
+    def take(self, item) -> tuple | None:
+        """The event of a queue item (``None``: the end), its bytes no longer counted as waiting."""
+        if item is None:
+            return None
+        event, size = item
+        self.buffered -= size
+        return event
+
+    def cut_off(self) -> None:
+        """Stop a stream whose client does not read: cancel the job, drop its waiting events, end the stream."""
+        self.cancelled.set()
+        while not self.events.empty():
+            self.events.get_nowait()
+        self.buffered = 0
+        if not self.future.done():
+            self.future.set_exception(StreamOverflow(
+                f"the client read too slowly: more than {self.stream_buffer_bytes:,} bytes of events were waiting"))
+        self.events.put_nowait(None)
 
     def _settle(self, result: Any = None, error: BaseException | None = None) -> None:
         def settle():
@@ -159,13 +196,42 @@ class Engine:
         self._thread.start()
 
     # -- event-loop side -------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    @property
+    def accepting(self) -> bool:
+        """Whether jobs are still taken (not after SIGTERM)."""
+        return not self._closing
+
+    def check_room(self) -> None:
+        """Raise :class:`QueueFull` (or :class:`ShuttingDown`) now, before a request's images are decoded."""
         with self._lock:
             if self._closing:
                 raise ShuttingDown("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 waits = (len(self._queue) + len(self._running)) / max(self.max_batch, 1)
                 raise QueueFull(max(1, math.ceil(waits * self._seconds_per_pass)))
+
+    def admit(self, work: TextWork | DrawWork) -> None:
+        """The checks of ``work``'s own content that the model would make when it runs (call off the event loop).
+
+        Run before queueing, so that a request that cannot run is refused alone instead of failing a
+        batch it would have shared with others.
+        """
+        check = getattr(self.pipe, "check_request", None)
+        if check is None:
+            return
+        if isinstance(work, TextWork):
+            check(work.prompt, len(work.images), mode="text" if work.task == "understand" else "text_image",
+                  system_prompt=work.system_prompt, max_new_tokens=work.sampling["max_new_tokens"])
+            return
+        request = work.request
+        if work.think is not None:
+            check(request.prompt, len(request.images), mode="text_image", system_prompt=request.system_prompt,
+                  max_new_tokens=work.think["max_new_tokens"])
+        check(request.prompt, len(request.images), reasoning=request.reasoning, system_prompt=request.system_prompt)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self.check_room()
             self._queue.append(job)
             self._lock.notify()
 
@@ -248,7 +314,7 @@ class Engine:
             result = self._text(job, work) if isinstance(work, TextWork) else self._draw(job, work)
             result.seconds = time.perf_counter() - started
         except BaseException as exc:  # handed to the request, which answers with the right status
-            if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
+            if not isinstance(exc, (GenerationCancelled, *INPUT_ERRORS)):
                 logger.exception("job failed")
             if isinstance(exc, GenerationCancelled) and job.cancelled.is_set():
                 self._count_cancelled(1)
@@ -257,8 +323,8 @@ class Engine:
             job.finish(result)
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        works: list[DrawWork] = [job.work for job in jobs]
-        first = works[0]
+        requests: list[DrawRequest] = [job.work.request for job in jobs]
+        first = requests[0]
 
         def callback(step, total, latents):
             if all(job.cancelled.is_set() for job in jobs):
@@ -270,13 +336,20 @@ class Engine:
         started = time.perf_counter()
         try:
             pictures = self.pipe.generate_batch(
-                [w.prompt for w in works], [w.seed for w in works],
-                images=[w.images for w in works] if first.images else None,
-                reasonings=[w.reasoning for w in works] if first.reasoning is not None else None,
-                system_prompt=first.system_prompt, callback=callback, **first.settings,
+                [r.prompt for r in requests], [r.seed for r in requests],
+                images=[list(r.images) for r in requests] if first.images else None,
+                reasonings=[r.reasoning for r in requests] if first.reasoning is not None else None,
+                system_prompt=first.system_prompt, callback=callback, **first.settings(),
             )
+        except INPUT_ERRORS:
+            # Admission checked each request, so this is unexpected; still, one request's problem must not
+            # become the others' answer: each runs again alone and gets its own result or error.
+            logger.warning("a batch of %d was refused; running its requests one by one", len(jobs))
+            for job in jobs:
+                self._run_one(job)
+            return
         except BaseException as exc:
-            if not isinstance(exc, (GenerationCancelled, ValueError, TypeError)):
+            if not isinstance(exc, GenerationCancelled):
                 logger.exception("batch failed")
             if isinstance(exc, GenerationCancelled):
                 self._count_cancelled(len(jobs))
@@ -302,8 +375,16 @@ class Engine:
             generated = step
             return False if job.cancelled.is_set() else None
 
-        def stream_text(text):
-            job.emit(("text", generated, text))
+        sent = last_step = 0
+
+        def stream_text(text):  # the answer so far; only its new part travels (it only ever grows)
+            nonlocal sent, last_step
+            if work.sampling.get("num_beams", 1) == 1 and generated == last_step:
+                return  # the whole answer once more after its last token: the final chunk carries what is new
+            last_step = generated
+            delta = text[sent:]
+            sent = len(text)
+            job.emit(("text", generated, delta), len(delta.encode()))
 
         common = dict(
             system_prompt=work.system_prompt, token_callback=count_tokens,
@@ -316,16 +397,17 @@ class Engine:
         return TextResult(answer, generated)
 
     def _draw(self, job: Job, work: DrawWork) -> DrawResult:
-        reasoning = work.reasoning
+        request = work.request
         thought = None
         if work.think is not None:
             def keep_thinking(step, total):
                 return False if job.cancelled.is_set() else None
 
-            reasoning = thought = self.pipe.reason(
-                work.prompt, work.images or None, system_prompt=work.system_prompt, token_callback=keep_thinking,
-                **work.think,
+            thought = self.pipe.reason(
+                request.prompt, list(request.images) or None, system_prompt=request.system_prompt,
+                token_callback=keep_thinking, **work.think,
             )
+            request = dataclasses.replace(request, reasoning=thought)
 
         def callback(step, total, latents):
             if job.cancelled.is_set():
@@ -333,15 +415,7 @@ class Engine:
             self._progress(job, step, total, latents)
             return None
 
-        common = dict(
-            seed=work.seed, num_images=work.num_images, reasoning=reasoning, system_prompt=work.system_prompt,
-            callback=callback, **work.settings,
-        )
-        if work.images:
-            pictures = self.pipe.edit(work.images, work.prompt, **common)
-        else:
-            pictures = self.pipe.generate(work.prompt, **common)
-        return DrawResult(pictures, thought)
+        return DrawResult(request.run(self.pipe, callback=callback), thought)
 
     def _progress(self, job: Job, step: int, total: int, latents) -> None:
         work = job.work
@@ -350,7 +424,7 @@ class Engine:
         preview = None
         if work.previews and step in preview_steps(total, work.previews):
             preview = png_bytes(self.pipe.decode_latents_preview(latents))
-        job.emit(("step", step, total, preview))
+        job.emit(("step", step, total, preview), len(preview or b"") * 4 // 3)  # sent as base64
 
 
 def preview_steps(total: int, count: int) -> set[int]:

@@ -22,10 +22,12 @@ from PIL import Image
 
 from internvl_u_core import InternVLUError, Reasoning, random_seed
 from internvl_u_core import validation as check
-from internvl_u_core.files import png_bytes, png_data_uri
+from internvl_u_core.files import ACCEPTED_FORMATS, png_bytes, png_data_uri
 from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
+from internvl_u_core.requests import DrawRequest
+from internvl_u_core.validation import shown
 
-from .engine import DrawResult, DrawWork, TextResult, TextWork
+from .engine import STREAM_BUFFER_BYTES, DrawResult, DrawWork, TextResult, TextWork
 
 
 class APIError(Exception):
@@ -70,6 +72,113 @@ class ServerSettings:
     think: bool = False  # the default of the per-request ``think`` field for image requests
     allowed_image_hosts: frozenset[str] = frozenset()
     max_image_bytes: int = 64 * 1024 * 1024
+    stream_buffer_bytes: int = STREAM_BUFFER_BYTES  # see engine.STREAM_BUFFER_BYTES
+
+
+#: Longest number literal read from a request (a seed of 2**64 has 20 digits); longer ones are refused
+#: before Python converts them (a 5,000-digit integer costs time and exceeds Python's own digit limit).
+MAX_NUMBER_CHARS = 100
+#: Deepest nesting of arrays and objects in a request body (a chat request needs 5).
+MAX_JSON_DEPTH = 64
+
+
+class _OverlongNumber:
+    """Stands in for a number literal over :data:`MAX_NUMBER_CHARS` until its field is found."""
+
+    def __init__(self, text: str):
+        self.length = len(text)
+
+
+def parse_json(body: bytes):
+    """A request body → its JSON value, or a 400 naming the field whose number is too long or nesting too deep.
+
+    Run it off the event loop: a large body takes a while.
+    """
+    overlong = False
+
+    def number(kind):
+        def parse(text: str):
+            nonlocal overlong
+            if len(text) > MAX_NUMBER_CHARS:
+                overlong = True
+                return _OverlongNumber(text)
+            return kind(text)
+
+        return parse
+
+    try:
+        value = json.loads(body, parse_int=number(int), parse_float=number(float))
+    except RecursionError:
+        value = None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(None, f"the request body is not valid JSON ({exc})") from None
+    except ValueError as exc:  # e.g. a lone surrogate the decoder refuses
+        raise bad_request(None, "the request body is not valid JSON") from exc
+    # Python's parser gives up (RecursionError) near 1,000 levels; below that the parsed value is walked.
+    depth, field_ = _deepest(body) if value is None else _depth_of(value)
+    if depth > MAX_JSON_DEPTH:
+        raise bad_request(field_, f"{field_ or 'the request body'}: arrays and objects nest more than "
+                                  f"{MAX_JSON_DEPTH} levels deep; at most {MAX_JSON_DEPTH} are read")
+    if overlong:
+        path = _find(value, lambda item: isinstance(item, _OverlongNumber))
+        top = path.split(".")[0].split("[")[0] or None
+        raise bad_request(top, f"{path or 'the request body'}: a number literal longer than {MAX_NUMBER_CHARS} "
+                               "characters; send a shorter number")
+    return value
+
+
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:]')
+
+
+def _deepest(body: bytes) -> tuple[int, str | None]:
+    """How deep the body nests (scanned, not parsed; the scan stops once past :data:`MAX_JSON_DEPTH`), and
+    the top-level key under which it nests deepest."""
+    depth = deepest = 0
+    key = pending = field_ = None
+    for match in _JSON_TOKEN.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > deepest:
+                deepest, field_ = depth, key if depth > 1 else None
+            if depth > MAX_JSON_DEPTH:
+                break
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif token == b":":
+            if depth == 1:
+                key = pending
+        elif depth == 1:
+            pending = token[1:-1].decode("utf-8", "replace")[:100]
+    return deepest, field_
+
+
+def _depth_of(value) -> tuple[int, str | None]:
+    """How deep a parsed value nests, and the top-level key under which it nests deepest."""
+    deepest, field_ = 0, None
+    stack = [(value, 1, None)]
+    while stack:
+        item, depth, top = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > deepest:
+                deepest, field_ = depth, top
+            children = item.items() if isinstance(item, dict) else ((top, v) for v in item)
+            stack.extend((v, depth + 1, k if depth == 1 and isinstance(item, dict) else top) for k, v in children)
+    return deepest, field_
+
+
+def _find(value, wanted) -> str:
+    """The path (``a.b[2]``) of the first item in ``value`` that ``wanted`` accepts, walked without recursion."""
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if wanted(item):
+            return path
+        if isinstance(item, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+    return ""
 
 
 class Fields:
@@ -116,6 +225,16 @@ class Fields:
             raise bad_request(name, f"{name} = {number} is out of range; allowed {low}…{high}")
         return number
 
+    def checked(self, name: str, check_value) -> float | None:
+        """A number checked by the core's ``check_value(value)`` (which names its range), or ``None`` if absent."""
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if self.form:
+            value = _parse_number(name, value, float)
+        with field_named(name):
+            return check_value(value)
+
     def boolean(self, name: str, default: bool | None = None) -> bool | None:
         value = self.data.get(name)
         if value is None:
@@ -123,7 +242,7 @@ class Fields:
         if self.form and isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         if not isinstance(value, bool):
-            raise bad_request(name, f"{name} must be true or false, got {value!r}")
+            raise bad_request(name, f"{name} must be true or false, got {shown(value)}")
         return value
 
     def json_object(self, name: str) -> dict | None:
@@ -143,13 +262,15 @@ class Fields:
 def _parse_number(name: str, value, kind):
     if not isinstance(value, str):
         return value
+    if len(value) > MAX_NUMBER_CHARS:
+        raise bad_request(name, f"{name}: a number of {len(value):,} characters; at most {MAX_NUMBER_CHARS} are read")
     try:
         return kind(value.strip())
     except ValueError:
         try:
             number = float(value.strip())
         except ValueError:
-            raise bad_request(name, f"{name} must be a number, got {value!r}") from None
+            raise bad_request(name, f"{name} must be a number, got {shown(value)}") from None
         return number
 
 
@@ -159,7 +280,7 @@ def _parse_number(name: str, value, kind):
 def check_model(fields: Fields, settings: ServerSettings) -> None:
     model = fields.raw("model")
     if model is not None and model != settings.model_name:
-        raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.model_name}`.",
+        raise APIError(404, f"The model {shown(model)} does not exist; this server serves `{settings.model_name}`.",
                        param="model", code="model_not_found")
 
 
@@ -173,15 +294,17 @@ def parse_reasoning(fields: Fields) -> Reasoning | None:
 
 
 def draw_settings(fields: Fields, settings: ServerSettings, width: int | None, height: int | None) -> dict:
+    """The diffusion settings of :class:`DrawRequest`, each checked against the core's documented range."""
     limits = settings.limits
     return {
         "width": width,
         "height": height,
         "steps": fields.integer("num_inference_steps", 1, limits.max_steps, default=DEFAULT_STEPS),
-        "all_cfg_scale": fields.number("all_cfg_scale"),
-        "part_cfg_scale": fields.number("part_cfg_scale"),
-        "timestep_trunc": fields.number("timestep_trunc"),
-        "flow_shift": fields.number("flow_shift", positive=True),
+        "all_cfg_scale": fields.checked("all_cfg_scale", lambda v: check.guidance_scale(v, "all_cfg_scale", limits)),
+        "part_cfg_scale": fields.checked("part_cfg_scale",
+                                         lambda v: check.guidance_scale(v, "part_cfg_scale", limits)),
+        "timestep_trunc": fields.checked("timestep_trunc", lambda v: check.timestep_trunc(v, limits)),
+        "flow_shift": fields.checked("flow_shift", lambda v: check.flow_shift(v, limits)),
     }
 
 
@@ -213,7 +336,7 @@ def size_of(fields: Fields, settings: ServerSettings) -> tuple[int | None, int |
         raise bad_request("size", "size: give size or width/height, not both")
     match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(size))
     if not match:
-        raise bad_request("size", f"size must look like '1024x1024' (width x height), got {size!r}")
+        raise bad_request("size", f"size must look like '1024x1024' (width x height), got {shown(size)}")
     width, height = int(match.group(1)), int(match.group(2))
     with field_named("size"):
         check.image_size(height, width, settings.limits)
@@ -274,8 +397,8 @@ def merge_extra_params(fields: Fields) -> Fields:
 def output_format(fields: Fields) -> tuple[str, int]:
     """``output_format`` (png: the exact pixels; jpeg/webp lossy) and ``output_compression`` (quality 0-100)."""
     fmt = fields.raw("output_format") or "png"
-    if fmt not in OUTPUT_FORMATS:
-        raise bad_request("output_format", f"output_format must be one of png, jpeg, webp; got {fmt!r}")
+    if not isinstance(fmt, str) or fmt not in OUTPUT_FORMATS:
+        raise bad_request("output_format", f"output_format must be one of png, jpeg, webp; got {shown(fmt)}")
     return fmt, fields.integer("output_compression", 0, 100, default=100)
 
 
@@ -297,17 +420,32 @@ def decode_data_uri(url: str, name: str) -> bytes:
         raise bad_request(name, f"{name}: expected a data:image/...;base64,... URI")
     media = header[5:-7]
     if media and not media.startswith("image/"):
-        raise bad_request(name, f"{name}: the data URI holds {media!r}, not an image")
+        raise bad_request(name, f"{name}: the data URI holds {shown(media)}, not an image")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise bad_request(name, f"{name}: the base64 payload is invalid ({exc})") from exc
 
 
-def decode_image(data: bytes, name: str, limits: check.Limits) -> Image.Image:
-    """Encoded bytes → RGB image, under the core's pixel limits (header checked before decoding)."""
+#: Image formats the server decodes (the MCP server's list); anything else is refused from its header.
+IMAGE_FORMATS = ACCEPTED_FORMATS
+
+
+def image_header(data: bytes, name: str, limits: check.Limits) -> Image.Image:
+    """Encoded bytes → a lazily opened image, refused from its header alone (format, pixel count)."""
     with field_named(name):
-        return check.load_image(data, name, limits)
+        return check.image_header(data, name, limits, IMAGE_FORMATS)
+
+
+def decode_image(image: Image.Image, name: str) -> Image.Image:
+    """A header-checked image → RGB pixels (the work the server bounds with its decode pool)."""
+    with field_named(name):
+        try:
+            return check.to_rgb(image, name)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise bad_request(name, f"{name}: the image data is damaged or truncated; send a valid image file") from exc
+        except Image.DecompressionBombError as exc:
+            raise bad_request(name, f"{name}: the image expands beyond the pixel limit; send a smaller image") from exc
 
 
 def b64(data: bytes) -> str:
@@ -333,8 +471,8 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
     limits = settings.limits
     system_prompt, text, image_urls = _parse_messages(body.get("messages"), limits)
     modalities = body.get("modalities") or ["text"]
-    if not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "image"}:
-        raise bad_request("modalities", f"modalities must be ['text'] or ['image'], got {modalities!r}")
+    if not isinstance(modalities, list) or not modalities or not all(m in ("text", "image") for m in modalities):
+        raise bad_request("modalities", f"modalities must be ['text'] or ['image'], got {shown(modalities)}")
     stream = bool(fields.boolean("stream", default=False))
     n = fields.integer("n", 1, limits.max_output_images, default=1)
     if "image" in modalities:
@@ -343,10 +481,9 @@ def parse_chat(body, settings: ServerSettings) -> ChatRequest:
         reasoning = parse_reasoning(fields)
         settings_ = draw_settings(fields, settings, fields.integer("width", limits.min_side, limits.max_side),
                                   fields.integer("height", limits.min_side, limits.max_side))
-        work = DrawWork(
-            prompt=text, images=[], seed=seed_of(fields, limits), num_images=n, settings=settings_,
-            system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
-        )
+        request = DrawRequest(prompt=text, seed=seed_of(fields, limits), num_images=n, system_prompt=system_prompt,
+                              reasoning=reasoning, **settings_)
+        work = DrawWork(request, think=think_settings(fields, settings, reasoning))
         return ChatRequest(work, image_urls, stream=False, n=n)
     if n != 1:
         raise bad_request("n", "n: text answers come one at a time (n = 1)")
@@ -397,7 +534,7 @@ def _parse_messages(messages, limits: check.Limits) -> tuple[str | None, str, li
             raise bad_request(
                 "messages",
                 f"messages[{i}]: this server answers one user message, optionally after one system message "
-                f"(got role {role!r} there); multi-turn conversations are not supported",
+                f"(got role {shown(role)} there); multi-turn conversations are not supported",
             )
     if user is None:
         raise bad_request("messages", "messages: the last message must be the user's")
@@ -436,7 +573,7 @@ def _user_content(content, name: str, limits: check.Limits) -> tuple[str, list[t
             urls.append((f"{where}.image_url", url))
             pieces.append("<image>")
         else:
-            raise bad_request("messages", f"{where}: content parts must be 'text' or 'image_url', got {kind!r}")
+            raise bad_request("messages", f"{where}: content parts must be 'text' or 'image_url', got {shown(kind)}")
     if len(urls) > limits.max_images_per_prompt:
         raise bad_request("messages", f"{name}: {len(urls)} images, at most {limits.max_images_per_prompt} are allowed")
     if urls and all(p == "<image>" for p in pieces[: len(urls)]):
@@ -529,11 +666,9 @@ def parse_images(fields: Fields, settings: ServerSettings, images: list[Image.Im
         system_prompt = check.system_prompt(fields.raw("system_prompt"), limits)
     steps_field = draw_settings(fields, settings, width, height)
     previews = fields.integer("partial_images", 0, limits.max_steps, default=0)
-    work = DrawWork(
-        prompt=prompt, images=images, seed=seed_of(fields, limits), num_images=n, settings=steps_field,
-        system_prompt=system_prompt, reasoning=reasoning, think=think_settings(fields, settings, reasoning),
-        previews=previews, stream=stream,
-    )
+    request = DrawRequest(prompt=prompt, images=tuple(images), seed=seed_of(fields, limits), num_images=n,
+                          system_prompt=system_prompt, reasoning=reasoning, **steps_field)
+    work = DrawWork(request, think=think_settings(fields, settings, reasoning), previews=previews, stream=stream)
     return ImagesRequest(work, stream=stream, edit=edit, output_format=fmt, quality=quality)
 
 

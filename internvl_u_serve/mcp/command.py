@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import signal
+import socket
 import sys
 from pathlib import Path
 
-from internvl_u_serve.common import add_model_options, load_model, model_problem
+from internvl_u_serve.common import add_limit_options, add_model_options, apply_limits, load_model, model_problem
 
 MISSING_SDK = (
     'internvl-u mcp: error: the MCP SDK is not installed; install the [mcp] extra: pip install -e ".[mcp]" '
@@ -46,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--http", type=_port, default=None, metavar="PORT",
         help=f"serve streamable HTTP at http://{HOST}:PORT/mcp instead of stdio",
     )
+    add_limit_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -62,12 +65,35 @@ def run(args: argparse.Namespace) -> int:
 
     from internvl_u_serve.mcp.server import build_server
 
-    server = build_server(load_model(args, "mcp"), args.output_dir, args.allowed_dir)
+    if args.http is not None:
+        problem = _port_problem(args.http)  # before the weights load: a taken port fails in a second
+        if problem:
+            print(f"internvl-u mcp: error: {problem}", file=sys.stderr)
+            return 2
+    model = load_model(args, "mcp")
+    apply_limits(args, model.limits)
+    server = build_server(model, args.output_dir, args.allowed_dir)
     if args.http is None:
         server.run("stdio")
-    else:
+        return 0
+    # uvicorn raises SIGTERM again after its graceful shutdown; absorbed here, so that the exit status
+    # is 0 (as `internvl-u serve` exits) rather than death by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
         server.run("streamable-http", host=HOST, port=args.http)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _port_problem(port: int) -> str | None:
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((HOST, port))
+        except OSError as exc:
+            return f"cannot listen on {HOST}:{port} ({exc.strerror}); pick another --http port"
+    return None
 
 
 def _check_folders(args: argparse.Namespace) -> str | None:

@@ -18,7 +18,7 @@ content. Argument bounds come from the model's `limits` (`internvl_u_core.valida
 
 import base64
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated, Any, Protocol
 
@@ -27,12 +27,14 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, ToolAnnotations
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, random_seed
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
 from internvl_u_core.limits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
+from internvl_u_core.requests import DrawRequest
+from internvl_u_core.validation import shown
 from internvl_u_serve.mcp.jobs import JobRunner, StepReporter
 
 
@@ -107,7 +109,7 @@ def build_server(
     images = ImageStore(output_dir, allowed_dirs, max_input_pixels=model.limits.max_input_pixels)
     tools = InternVLUTools(model, images, ReasoningStore(), JobRunner())
     readable = ", ".join(str(folder) for folder in [*images.allowed_dirs, images.output_dir])
-    server = MCPServer(
+    server = _InternVLUServer(
         "internvl-u",
         title="InternVL-U",
         version=__version__,
@@ -181,48 +183,39 @@ class InternVLUTools:
 
     async def generate(self, ctx: Context, prompt: str, seed: int | None, reasoning_id: str | None,
                        **settings: Any) -> CallToolResult:
-        def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
-            return self.model.generate(prompt, **options)
-
-        return await self._draw(ctx, draw, [], seed, reasoning_id, settings)
+        return await self._draw(ctx, prompt, [], seed, reasoning_id, settings)
 
     async def edit(self, ctx: Context, refs: list[str], instruction: str, seed: int | None,
                    reasoning_id: str | None, **settings: Any) -> CallToolResult:
-        def draw(images: list[Image.Image], **options: Any) -> list[Image.Image]:
-            return self.model.edit(images, instruction, **options)
-
-        return await self._draw(ctx, draw, refs, seed, reasoning_id, settings)
+        return await self._draw(ctx, instruction, refs, seed, reasoning_id, settings)
 
     async def _draw(
         self,
         ctx: Context,
-        draw: Callable[..., list[Image.Image]],
+        prompt: str,
         refs: list[str],
         seed: int | None,
         reasoning_id: str | None,
         settings: dict[str, Any],
     ) -> CallToolResult:
-        """Shared by generate and edit: resolve inputs, run `draw` on the model, save and present."""
+        """Shared by generate and edit: resolve inputs, draw the request on the model, save and present."""
         with _refusals_as_tool_errors():
             stored = None if reasoning_id is None else self.reasonings.get(reasoning_id)
             loaded = await self._load(refs)
-            seed = _seed(seed)
+            request = DrawRequest(
+                prompt, tuple(item.image for item in loaded), seed=_seed(seed),
+                reasoning=stored.reasoning if stored else None, **_given(**settings),
+            )
 
             def job(step: StepReporter) -> list[Image.Image]:
-                return draw(
-                    [item.image for item in loaded],
-                    seed=seed,
-                    reasoning=stored.reasoning if stored else None,
-                    callback=lambda done, total, _latents: step("denoising", done, total),
-                    **_given(**settings),
-                )
+                return request.run(self.model, callback=lambda done, total, _latents: step("denoising", done, total))
 
             pictures = await self.runner.run(job, ctx.report_progress)
         if loaded:
             headline = f"Edited {', '.join(item.source.name for item in loaded)} into {_count(pictures)}"
         else:
             headline = f"Generated {_count(pictures)}"
-        return await self._present(headline, pictures, loaded, seed, stored)
+        return await self._present(headline, pictures, loaded, request.seed, stored)
 
     async def _load(self, refs: list[str]) -> list[LoadedImage]:
         """Decode the referenced images in a worker thread, outside the model's queue."""
@@ -254,74 +247,87 @@ class InternVLUTools:
         return _result(content, result)
 
 
-def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None:
-    """Register the four tools, their argument bounds taken from `limits`."""
-    image_ref = Annotated[
-        str,
-        Field(
-            min_length=1,
-            description=(
-                "An image_id from an earlier result (like 'img_3f9a1c0b7e2d') or the path of an "
-                "image file inside the allowed folders."
+class _Arguments:
+    """The tools' argument types, their bounds taken from the model's `limits` (shown in each input schema)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        image_ref = Annotated[
+            str,
+            Field(
+                min_length=1,
+                description=(
+                    "An image_id from an earlier result (like 'img_3f9a1c0b7e2d') or the path of an "
+                    "image file inside the allowed folders."
+                ),
             ),
-        ),
-    ]
+        ]
+        self.image_list = list[image_ref]
+        self.steps = Annotated[
+            int | None,
+            Field(
+                ge=1,
+                le=limits.max_steps,
+                description=f"Denoising steps (default {DEFAULT_STEPS}): more is slower and usually more detailed.",
+            ),
+        ]
+        self.seed = Annotated[
+            int | None,
+            Field(ge=0, le=limits.max_seed, description="Random seed for a reproducible result; omit for a random one "
+                                                        "(reported)."),
+        ]
+        self.num_images = Annotated[
+            int | None,
+            Field(ge=1, le=limits.max_output_images, description="How many variants to make (default 1)."),
+        ]
+        self.guidance = self.guidance_scale("follow the text", 0)
+        self.image_guidance = self.guidance_scale("keep the input image(s)", 1)
+        self.reasoning_id = Annotated[
+            str | None,
+            Field(description="A reasoning_id returned by reason for this same request, to follow that plan."),
+        ]
+        self.size_note = f"width x height may be at most {limits.max_pixels} pixels."
 
-    def text(description: str) -> Any:
-        return Annotated[str, Field(min_length=1, max_length=limits.max_prompt_chars, description=description)]
+    def text(self, description: str) -> Any:
+        return Annotated[str, Field(min_length=1, max_length=self.limits.max_prompt_chars, description=description)]
 
-    def input_images(description: str) -> Any:
+    def input_images(self, description: str) -> Any:
         return Annotated[
-            list[image_ref],
-            Field(min_length=1, max_length=limits.max_images_per_prompt, description=description),
+            self.image_list,
+            Field(min_length=1, max_length=self.limits.max_images_per_prompt, description=description),
         ]
 
-    def new_tokens(what: str) -> Any:
+    def new_tokens(self, what: str) -> Any:
         return Annotated[
             int | None,
-            Field(ge=1, le=limits.max_new_tokens, description=f"Longest {what}, in tokens; omit for the default."),
+            Field(ge=1, le=self.limits.max_new_tokens, description=f"Longest {what}, in tokens; omit for the default."),
         ]
 
-    def side(description: str) -> Any:
-        return Annotated[int | None, Field(ge=limits.min_side, le=limits.max_side, description=description)]
+    def side(self, description: str) -> Any:
+        return Annotated[int | None, Field(ge=self.limits.min_side, le=self.limits.max_side, description=description)]
 
-    def guidance_scale(what: str, index: int) -> Any:
+    def guidance_scale(self, what: str, index: int) -> Any:
         """`all_cfg_scale` (index 0) or `part_cfg_scale` (1), described with the model's defaults."""
         plain, reasoned = DEFAULT_GUIDANCE["image"][index], DEFAULT_GUIDANCE["text_image"][index]
         return Annotated[
             float | None,
             Field(
                 ge=0.0,
-                le=limits.max_guidance_scale,
+                le=self.limits.max_guidance_scale,
                 allow_inf_nan=False,
                 description=f"How closely to {what}; omit for the model default ({plain}, {reasoned} with reasoning).",
             ),
         ]
 
-    steps = Annotated[
-        int | None,
-        Field(
-            ge=1,
-            le=limits.max_steps,
-            description=f"Denoising steps (default {DEFAULT_STEPS}): more is slower and usually more detailed.",
-        ),
-    ]
-    seed = Annotated[
-        int | None,
-        Field(ge=0, le=limits.max_seed, description="Random seed for a reproducible result; omit for a random one (reported)."),
-    ]
-    num_images = Annotated[
-        int | None,
-        Field(ge=1, le=limits.max_output_images, description="How many variants to make (default 1)."),
-    ]
-    guidance = guidance_scale("follow the text", 0)
-    image_guidance = guidance_scale("keep the input image(s)", 1)
-    reasoning_id = Annotated[
-        str | None,
-        Field(description="A reasoning_id returned by reason for this same request, to follow that plan."),
-    ]
-    size_note = f"width x height may be at most {limits.max_pixels} pixels."
 
+def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None:
+    """Register the four tools, their argument bounds taken from `limits`."""
+    arguments = _Arguments(limits)
+    for add in (_add_understand_image, _add_reason, _add_generate_image, _add_edit_image):
+        add(server, tools, arguments)
+
+
+def _add_understand_image(server: MCPServer, tools: InternVLUTools, a: _Arguments) -> None:
     @server.tool(
         name="understand_image",
         title="Understand images",
@@ -333,13 +339,15 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         ),
     )
     async def understand_image(
-        images: input_images("The image(s) to look at, as image_ids or file paths."),
-        question: text("What to ask, e.g. 'Describe this picture.' or 'How many apples are there?'"),
+        images: a.input_images("The image(s) to look at, as image_ids or file paths."),
+        question: a.text("What to ask, e.g. 'Describe this picture.' or 'How many apples are there?'"),
         ctx: Context,
-        max_new_tokens: new_tokens("answer") = None,
+        max_new_tokens: a.new_tokens("answer") = None,
     ) -> Annotated[CallToolResult, Answer]:
         return await tools.understand(ctx, images, question, max_new_tokens)
 
+
+def _add_reason(server: MCPServer, tools: InternVLUTools, a: _Arguments) -> None:
     @server.tool(
         name="reason",
         title="Reason about an image request",
@@ -353,19 +361,21 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         ),
     )
     async def reason(
-        prompt: text(
+        prompt: a.text(
             "The image request to think through: a description of an image to create, or an edit "
             "instruction when images are given."
         ),
         ctx: Context,
-        images: input_images(
+        images: a.input_images(
             "Omit to plan a new image. To plan an edit, the image(s) that edit_image will get, in the same order."
         )
         | None = None,
-        max_new_tokens: new_tokens("reasoning") = None,
+        max_new_tokens: a.new_tokens("reasoning") = None,
     ) -> Annotated[CallToolResult, ReasoningResult]:
         return await tools.reason(ctx, prompt, images or [], max_new_tokens)
 
+
+def _add_generate_image(server: MCPServer, tools: InternVLUTools, a: _Arguments) -> None:
     @server.tool(
         name="generate_image",
         title="Generate images",
@@ -377,21 +387,24 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         ),
     )
     async def generate_image(
-        prompt: text("Description of the image to create (the same prompt given to reason, if used)."),
+        prompt: a.text("Description of the image to create (the same prompt given to reason, if used)."),
         ctx: Context,
-        width: side(f"Width in pixels (multiples of 16 work best); omit for the model default. {size_note}") = None,
-        height: side(f"Height in pixels (multiples of 16 work best); omit for the model default. {size_note}") = None,
-        steps: steps = None,
-        seed: seed = None,
-        num_images: num_images = None,
-        guidance_scale: guidance = None,
-        reasoning_id: reasoning_id = None,
+        width: a.side(f"Width in pixels (multiples of 16 work best); omit for the model default. {a.size_note}") = None,
+        height: a.side(
+            f"Height in pixels (multiples of 16 work best); omit for the model default. {a.size_note}") = None,
+        steps: a.steps = None,
+        seed: a.seed = None,
+        num_images: a.num_images = None,
+        guidance_scale: a.guidance = None,
+        reasoning_id: a.reasoning_id = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.generate(
             ctx, prompt, seed, reasoning_id,
             width=width, height=height, steps=steps, num_images=num_images, all_cfg_scale=guidance_scale,
         )
 
+
+def _add_edit_image(server: MCPServer, tools: InternVLUTools, a: _Arguments) -> None:
     @server.tool(
         name="edit_image",
         title="Edit images",
@@ -405,23 +418,47 @@ def _add_tools(server: MCPServer, tools: InternVLUTools, limits: Limits) -> None
         ),
     )
     async def edit_image(
-        images: input_images("The image(s) to edit, as image_ids or file paths; the first sets the default size."),
-        instruction: text("What to change, e.g. 'Make the sky purple and add a moon.'"),
+        images: a.input_images("The image(s) to edit, as image_ids or file paths; the first sets the default size."),
+        instruction: a.text("What to change, e.g. 'Make the sky purple and add a moon.'"),
         ctx: Context,
-        width: side(f"Output width in pixels; omit to keep the first image's width. {size_note}") = None,
-        height: side(f"Output height in pixels; omit to keep the first image's height. {size_note}") = None,
-        steps: steps = None,
-        seed: seed = None,
-        num_images: num_images = None,
-        guidance_scale: guidance = None,
-        image_guidance_scale: image_guidance = None,
-        reasoning_id: reasoning_id = None,
+        width: a.side(f"Output width in pixels; omit to keep the first image's width. {a.size_note}") = None,
+        height: a.side(f"Output height in pixels; omit to keep the first image's height. {a.size_note}") = None,
+        steps: a.steps = None,
+        seed: a.seed = None,
+        num_images: a.num_images = None,
+        guidance_scale: a.guidance = None,
+        image_guidance_scale: a.image_guidance = None,
+        reasoning_id: a.reasoning_id = None,
     ) -> Annotated[CallToolResult, ImagesResult]:
         return await tools.edit(
             ctx, images, instruction, seed, reasoning_id,
             width=width, height=height, steps=steps, num_images=num_images,
             all_cfg_scale=guidance_scale, part_cfg_scale=image_guidance_scale,
         )
+
+
+class _InternVLUServer(MCPServer):
+    """The SDK's server, with argument errors in our words (the SDK's are pydantic's raw report, with a link)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Context | None = None):
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as error:
+            if isinstance(error.__cause__, ValidationError):
+                raise ToolError(f"{name}: {_argument_problems(error.__cause__)}") from error.__cause__
+            raise
+
+
+def _argument_problems(error: ValidationError) -> str:
+    """Each refused argument as 'name = value: what is wrong' (pydantic's short message, without its link)."""
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"]) or "arguments"
+        if item["type"] == "missing":
+            problems.append(f"{where} is required")
+        else:
+            problems.append(f"{where} = {shown(item.get('input'))} is refused: {item['msg'].rstrip('.')}")
+    return "; ".join(problems) + ". Fix the argument(s) and call again."
 
 
 @contextmanager
