@@ -296,12 +296,60 @@ def timing_summary(doc: dict, modes: list[str]) -> dict:
             entry["runs"] = len(slot.get("runs", []))
             if name != "default":
                 for metric in ("total_s", "decode_tok_s"):
-                    ratio = report.paired_ratio(base.get(job, {}).get("runs", []), slot.get("runs", []), metric)
-                    if ratio is not None:
-                        entry[f"paired_{metric}_ratio"] = round(ratio, 3)
+                    rounds = paired_rounds(base.get(job, {}).get("runs", []), slot.get("runs", []), metric)
+                    if rounds:
+                        entry[f"paired_{metric}_ratio"] = round(statistics.median(rounds), 3)
+                        entry[f"paired_{metric}_ratio_range"] = [round(min(rounds), 3), round(max(rounds), 3)]
             per_job[job] = entry
         out["float32" if name == "default" else name] = per_job
     return out
+
+
+def paired_rounds(a_runs: list[dict], b_runs: list[dict], metric: str) -> list[float]:
+    """``run_i(B) / run_i(A)`` of ``metric`` for every interleaved round (their median is report.paired_ratio)."""
+    return [b[metric] / a[metric] for a, b in zip(a_runs, b_runs) if a.get(metric) and b.get(metric)]
+
+
+def side_by_side(run_doc: dict) -> str:
+    """Each mode of a ``run.py --compare-settings default MODE ...`` result against float32, with the spread.
+
+    Decode tokens/s and total time: min / median / max over the timed runs, and the per-round
+    ratio to float32 (runs are interleaved, so round i of both ran under the same load). Peak RSS
+    is each job process's maximum (load included).
+    """
+    results = run_doc["results"]
+    names = [v["name"] for v in run_doc["variants"]]
+    machine = run_doc["machine"]
+    lines = [f"CPU: {machine.get('cpu_model')} ({machine.get('cpu_capability', 'SIMD level not recorded')}), "
+             f"{run_doc['config']['threads']} threads, load average {machine.get('loadavg_start')} → "
+             f"{machine.get('loadavg_end')}",
+             "",
+             "| mode | job | runs | decode tok/s min / median / max | × float32 per round (median; min–max) | "
+             "total s min / median / max | peak RSS GiB (× float32) |",
+             "|---|---|---:|---|---|---|---|"]
+    for name in names:
+        for job, slot in results.get(name, {}).items():
+            summary = slot.get("summary", {})
+            base = results.get(names[0], {}).get(job, {})
+
+            def spread(metric, summary=summary):
+                s = summary.get(metric)
+                return "–" if s is None else f"{s['min']:.2f} / {s['median']:.2f} / {s['max']:.2f}"
+
+            ratio = "–"
+            rounds = paired_rounds(base.get("runs", []), slot.get("runs", []), "decode_tok_s")
+            if name != names[0] and rounds:
+                median = report.paired_ratio(base.get("runs", []), slot.get("runs", []), "decode_tok_s")
+                ratio = f"{median:.2f}× ({min(rounds):.2f}–{max(rounds):.2f})"
+            peak = summary.get("peak_rss_gib", {}).get("max")
+            base_peak = base.get("summary", {}).get("peak_rss_gib", {}).get("max")
+            peak_text = "–" if peak is None else f"{peak:.2f}"
+            if peak is not None and base_peak and name != names[0]:
+                peak_text += f" ({peak / base_peak:.2f}×)"
+            label = "float32" if name == "default" else name
+            lines.append(f"| {label} | {job} | {len(slot.get('runs', []))} | {spread('decode_tok_s')} | {ratio} | "
+                         f"{spread('total_s')} | {peak_text} |")
+    return "\n".join(lines)
 
 
 def markdown(doc: dict) -> str:
@@ -442,6 +490,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-timing", action="store_true", help="drift and bytes only")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--show", type=Path, help="print the table of an earlier result and exit")
+    p.add_argument("--side-by-side", type=Path, metavar="RUN_JSON",
+                   help="print each mode against float32 with the spread over rounds, from a bench/run.py "
+                        "--compare-settings default MODE ... result, and exit")
     p.add_argument("--memory-table", type=Path, metavar="RUN_JSON",
                    help="with --show: the released model's GPU memory table, activations from this bench/run.py "
                         "result of t2i at 1024² (settings default and vae_tiling)")
@@ -452,6 +503,9 @@ def main(argv=None) -> int:
     if args.child:
         args.mode = args.child
         return child(args)
+    if args.side_by_side:
+        print(side_by_side(json.loads(args.side_by_side.read_text())))
+        return 0
     if args.show:
         doc = json.loads(args.show.read_text())
         if doc.get("timing_file") and args.show.with_name(doc["timing_file"]).is_file():

@@ -6,7 +6,8 @@ Only safetensors are read: pickle checkpoints (``.bin``/``.pt``) can execute cod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,6 +102,36 @@ def iter_safetensors(files: Iterable[Path]):
                     raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, read on request through a mapping of its own.
+
+    A file tensor is a view of the file's memory map, and every page read through it stays in the
+    process's resident memory while the mapping lives (as long as any tensor of that file does).
+    Reading a tensor that is converted at once (quantised) through a short-lived mapping instead lets
+    its pages go as soon as the piece has been converted.
+    """
+
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) as a tensor of their own; the mapping is closed after."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.file), framework="pt", device="cpu") as handle:
+                return handle.get_slice(self.name)[start:stop].clone()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"cannot read tensor {self.name!r} from {self.file}: {exc}") from exc
+
+
+#: Makes the module that replaces an ``nn.Linear`` from its stored weight and its (loaded) bias.
+LinearBuilder = Callable[[StoredTensor, "torch.Tensor | None"], torch.nn.Module]
+
+
 def _format_names(names: Iterable[str], limit: int = 12) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
@@ -115,6 +146,8 @@ def load_weights_into(
     device: torch.device,
     optional: Iterable[str] = (),
     dtype_overrides: Mapping[str, torch.dtype] | None = None,
+    replace: Mapping[str, LinearBuilder] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> None:
     """Assign every tensor of ``folder``'s safetensors to ``module`` (built on the meta device).
 
@@ -124,10 +157,20 @@ def load_weights_into(
     checkpoint of another model is never half-loaded. ``optional`` names may be absent (tied heads).
     ``dtype_overrides`` maps a name prefix to the dtype of the floating tensors under it (a quantised
     LLM is read in its own dtype while the rest of the VLM keeps ``dtype``).
+
+    ``replace`` maps names of ``nn.Linear`` submodules to a builder of their replacement (CPU int8
+    quantises each layer as it is loaded): the builder gets the stored weight as a
+    :class:`StoredTensor`, which it reads in pieces, so the full-precision model is never resident.
+    ``tied`` names the stored tensor a replaced weight absent from the files is read from (a head
+    tied to the embedding).
     """
     files = safetensors_files(folder)
     expected = dict(module.named_parameters())
     expected.update((n, b) for n, b in module.named_buffers() if n in module.state_dict())
+    replace = dict(replace or {})
+    replaced_weights = {f"{name}.weight": name for name in replace}
+    located: dict[str, StoredTensor] = {}  # every expected tensor found in the files
+    stored: dict[str, StoredTensor] = {}  # the replaced weights, read later by their builders
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for file, name, tensor in iter_safetensors(files):
@@ -140,9 +183,17 @@ def load_weights_into(
                 f"parameter {name!r} in {file} has shape {tuple(tensor.shape)}, but the config in "
                 f"{folder}/config.json implies {tuple(target.shape)}"
             )
+        located[name] = StoredTensor(file, name, tuple(tensor.shape), tensor.dtype)
+        if name in replaced_weights:
+            # Only its header was looked at: the long-lived mapping's pages of this tensor stay unread.
+            stored[name] = located[name]
+            continue
         wanted = next((d for prefix, d in (dtype_overrides or {}).items() if name.startswith(prefix)), dtype)
         state[name] = _placed(tensor, wanted if tensor.is_floating_point() else tensor.dtype, device)
-    missing = set(expected) - set(state) - set(optional)
+    for weight, source in (tied or {}).items():
+        if weight in replaced_weights and weight not in stored and source in located:
+            stored[weight] = located[source]
+    missing = set(expected) - set(state) - set(stored) - set(optional)
     if unexpected or missing:
         parts = []
         if missing:
@@ -153,6 +204,13 @@ def load_weights_into(
             f"weights in {folder} do not match its config.json ({'; '.join(parts)})"
         )
     module.load_state_dict(state, strict=False, assign=True)
+    for weight, linear_name in replaced_weights.items():
+        if weight not in stored:
+            continue  # an optional weight that is absent (a tied head nobody replaces)
+        linear = module.get_submodule(linear_name)
+        bias = None if linear.bias is None else state[f"{linear_name}.bias"]
+        parent_name, _, child = linear_name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, replace[linear_name](stored[weight], bias))
 
 
 def _placed(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -10,7 +10,9 @@ Which library does the work depends on the device, chosen by measurement (``benc
 "Quantisation"). On CUDA the LLM goes through transformers' quantisation configs and the DiT through
 diffusers' (torchao for int8 and fp8, bitsandbytes for nf4). On the CPU, torchao's int8 kernels are
 slower than float32, while PyTorch's own dynamic int8 (fbgemm/x86: int8 weights per output channel,
-activations quantised on the fly) decodes several times faster, so ``int8`` uses that there.
+activations quantised on the fly) decodes several times faster, so ``int8`` uses that there. It
+quantises each Linear while the checkpoint loads (:func:`dynamic_int8_linear`, reading the float32
+rows a block at a time), so the float32 LLM and DiT are never resident and int8 peaks below float32.
 
 =========  ==========================================================  ==================================
 mode       CUDA                                                        CPU
@@ -31,12 +33,14 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import InvalidInputError, InvalidInputTypeError
+from .loading import LinearBuilder, StoredTensor
 from .offload import move_except
 from .options import QUANTIZATION_MODE_HELP, QUANTIZATION_MODES
 from .validation import API_NAMES, ArgumentNames, _no_cuda
@@ -50,6 +54,8 @@ TORCHAO_INSTALL = 'pip install "torchao>=0.15" (the [quant] extra)'
 BITSANDBYTES_INSTALL = 'pip install "torchao>=0.15" "bitsandbytes>=0.45" (the [cuda-quant] extra)'
 _MIN_TORCHAO = (0, 15)  # diffusers' torchao quantiser needs it
 _FP8_CAPABILITY = (8, 9)  # float8 kernels and diffusers' float8 configs need Ada / Hopper or newer
+#: Full-precision bytes of one weight read at a time when CPU int8 quantises it on load.
+_LOAD_BLOCK_BYTES = 64 * 2**20
 
 # Backends
 DYNAMIC_INT8 = "torch.ao dynamic int8"
@@ -74,6 +80,11 @@ class QuantizationPlan:
         Their weights are read on the CPU first and quantised while they move to ``device``.
         """
         return self.backend in (TORCHAO, BITSANDBYTES)
+
+    @property
+    def quantizes_on_load(self) -> bool:
+        """Each layer is quantised as it is read (CPU dynamic int8), so the full-precision model never is resident."""
+        return self.backend == DYNAMIC_INT8
 
     def describe(self) -> str:
         return f"{self.mode} ({self.backend}, computing in {str(self.dtype).removeprefix('torch.')})"
@@ -170,6 +181,23 @@ def make_plan(mode: str | None, device: torch.device, dtype: torch.dtype) -> Qua
 # ----------------------------------------------------------------------------------------------
 # Applying a plan to the loaded components
 # ----------------------------------------------------------------------------------------------
+def language_model_on_load(vlm: nn.Module, plan: QuantizationPlan | None) -> dict[str, LinearBuilder]:
+    """What ``load_weights_into`` replaces while it loads the (meta) VLM: the LLM's Linears, head included.
+
+    Empty unless the plan quantises on load.
+    """
+    if plan is None or not plan.quantizes_on_load:
+        return {}
+    return dynamic_int8_on_load(vlm.language_model, "language_model.")
+
+
+def generation_decoder_on_load(decoder: nn.Module, plan: QuantizationPlan | None) -> dict[str, LinearBuilder]:
+    """What ``load_weights_into`` replaces while it loads the (meta) generation decoder: the DiT blocks' Linears."""
+    if plan is None or not plan.quantizes_on_load:
+        return {}
+    return dynamic_int8_on_load(decoder.decoder.transformer_blocks, "decoder.transformer_blocks.")
+
+
 def quantize_language_model(vlm: nn.Module, plan: QuantizationPlan) -> None:
     """Quantise ``vlm.language_model`` in place (the VLM arrives loaded, its LLM in ``plan.dtype``).
 
@@ -199,12 +227,62 @@ def dynamic_int8(module: nn.Module) -> None:
     """PyTorch's dynamic int8 on every ``nn.Linear`` of ``module``: int8 weights per output channel."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    with _torch_ao_quietly():
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+
+
+def dynamic_int8_on_load(module: nn.Module, prefix: str) -> dict[str, LinearBuilder]:
+    """Every ``nn.Linear`` of ``module`` (named from the loaded root, ``prefix`` + its name) → its int8 builder."""
+    return {prefix + name: dynamic_int8_linear for name, sub in module.named_modules() if type(sub) is nn.Linear}
+
+
+def dynamic_int8_linear(weight: StoredTensor, bias: torch.Tensor | None) -> nn.Module:
+    """The dynamic int8 Linear of a stored weight, quantised a block of rows at a time.
+
+    The same int8 values and scales as :func:`dynamic_int8` on the loaded Linear (its observer is
+    per output row, so blocks of rows do not change it), while at most ``_LOAD_BLOCK_BYTES`` of the
+    full-precision weight are in memory at once: the tied head alone is 1.2 GB in float32.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    out_features, in_features = weight.shape
+    block = max(1, _LOAD_BLOCK_BYTES // (in_features * 4))
+    values = torch.empty(out_features, in_features, dtype=torch.int8)
+    scales = torch.empty(out_features, dtype=torch.float64)
+    with _torch_ao_quietly():
+        for start in range(0, out_features, block):
+            stop = min(start + block, out_features)
+            rows = weight.rows(start, stop).float()
+            observer = per_channel_dynamic_qconfig.weight()
+            observer(rows)
+            scale, zero_point = observer.calculate_qparams()
+            values[start:stop] = torch.quantize_per_channel(
+                rows, scale.double(), zero_point.long(), 0, torch.qint8
+            ).int_repr()
+            scales[start:stop] = scale
+            del rows
+        qweight = torch._make_per_channel_quantized_tensor(
+            values, scales, torch.zeros(out_features, dtype=torch.int64), 0
+        )
+        del values
+        # Built at 1x1 and then given the real weight: the constructor packs a placeholder of its
+        # size, which for the head would be 300 MB allocated only to be thrown away.
+        linear = DynamicLinear(1, 1, dtype=torch.qint8)
+        linear.in_features, linear.out_features = in_features, out_features
+        linear.set_weight_bias(qweight, None if bias is None else bias.float())
+    return linear
+
+
+@contextmanager
+def _torch_ao_quietly():
+    """torch.ao's eager quantisation is deprecated in favour of torchao, whose int8 is slower on the
+    CPU (bench/README.md); quantised tensors warn the same way. Both still work in torch 2.13."""
     with warnings.catch_warnings():
-        # torch.ao's eager quantisation is deprecated in favour of torchao, whose int8 is slower on the
-        # CPU (bench/README.md); quantised tensors warn the same way. Both still work in torch 2.13.
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_channel", category=UserWarning)
+        yield
 
 
 def transformers_config(plan: QuantizationPlan):

@@ -88,6 +88,30 @@ def test_cpu_int8_uses_pytorch_dynamic_int8_on_the_llm_and_the_dit_blocks_only()
         assert not any(isinstance(m, DynamicLinear) for m in part.modules())
 
 
+def test_cpu_int8_quantised_on_load_equals_quantising_the_loaded_float32_model(tiny_pipe):
+    # Loading quantises each Linear a block of rows at a time; the result must be the very int8
+    # weights and scales quantize_dynamic makes from the whole float32 model (same kernels after).
+    on_load = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu", quantization="int8")
+    after = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu")
+    quantization.dynamic_int8(after.vlm.language_model)
+    quantization.dynamic_int8(after.generation_decoder.decoder.transformer_blocks)
+    pairs = [(a, b) for a, b in zip(on_load.vlm.modules(), after.vlm.modules())]
+    pairs += [(a, b) for a, b in zip(on_load.generation_decoder.modules(), after.generation_decoder.modules())]
+    linears = [(a, b) for a, b in pairs if isinstance(b, DynamicLinear)]
+    assert len(linears) == sum(isinstance(m, DynamicLinear) for m in on_load.vlm.modules()) + sum(
+        isinstance(m, DynamicLinear) for m in on_load.generation_decoder.modules())
+    for a, b in linears:
+        assert type(a) is DynamicLinear and (a.in_features, a.out_features) == (b.in_features, b.out_features)
+        assert torch.equal(a.weight().int_repr(), b.weight().int_repr())
+        assert torch.equal(a.weight().q_per_channel_scales(), b.weight().q_per_channel_scales())
+        assert (a.bias() is None) == (b.bias() is None) and (a.bias() is None or torch.equal(a.bias(), b.bias()))
+    # The tied embedding stays the float32 file tensor; the head is its int8 copy.
+    embedding = on_load.vlm.language_model.model.embed_tokens.weight
+    assert embedding.dtype == torch.float32 and torch.equal(embedding, tiny_pipe.vlm.language_model.model.embed_tokens.weight)
+    question, image = QUESTIONS[0]
+    assert torch.equal(on_load.next_token_logits(question, image), after.next_token_logits(question, image))
+
+
 def test_bf16_keeps_the_vit_and_vae_in_torch_dtype():
     pipe = InternVLUPipeline.from_pretrained(TINY_CHECKPOINT, torch_dtype="float32", device="cpu", quantization="bf16")
     assert {p.dtype for p in pipe.vlm.language_model.parameters()} == {torch.bfloat16}
