@@ -24,12 +24,12 @@ from dataclasses import replace
 from PIL import Image
 
 from . import validation as check
+from .draw_request import DrawRequest
 from .errors import GenerationCancelled, InternVLUError, InvalidInputError, InvalidInputTypeError
 from .files import png_bytes, png_data_uri
 from .limits import DEFAULT_ANSWER_TOKENS, DEFAULT_LIMITS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS, random_seed
 from .options import API_KEY_ENV, is_server_url
 from .pipeline import Reasoning
-from .requests import DrawRequest
 from .sampling import StepCallback
 from .textgen import TextCallback, TokenCallback
 

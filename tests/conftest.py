@@ -109,6 +109,24 @@ def tiny_pipe():
     return get_pipeline("internvlu-tiny")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is several times faster than two when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pipe_without_loras():
+    """The tiny pipeline; whatever LoRA adapters the test loaded are removed afterwards."""
+    pipe = get_pipeline("internvlu-tiny")
+    yield pipe
+    if len(pipe.loras):
+        pipe.remove_lora()
+
+
 @pytest.fixture(scope="session")
 def tiny_c_pipe():
     return get_pipeline("internvlu-tiny-c")

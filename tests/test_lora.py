@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, get_pipeline
+from conftest import FIXTURES
 from lora_helpers import combined_adapter, dit_adapter, pixels, write
 from safetensors.torch import save_file
 
@@ -18,21 +18,12 @@ from internvl_u_core.cli import main
 FOX = FIXTURES / "internvlu-tiny" / "inputs" / "img_fox_80x60.png"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def pipe():
-    pipe = get_pipeline("internvlu-tiny")
-    yield pipe
-    if len(pipe.loras):
-        pipe.remove_lora()
+def pipe(pipe_without_loras):
+    return pipe_without_loras
 
 
 def _draw(pipe, seed: int = 3) -> np.ndarray:

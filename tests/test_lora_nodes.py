@@ -23,12 +23,7 @@ SPECS = {spec.node_id: spec for spec in all_specs()}
 LORA = SPECS["InternVLU_LoRA"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import get_pipeline
 from lora_helpers import dit_adapter, pixels
 from PIL import Image
 
@@ -18,20 +16,12 @@ from agent_tools import InternVLUToolkit  # noqa: E402
 FAST = {"width": 32, "height": 32, "steps": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def pipe():
-    pipe = get_pipeline("internvlu-tiny")
-    yield pipe
-    if len(pipe.loras):
-        pipe.remove_lora()
+def pipe(pipe_without_loras):
+    return pipe_without_loras
 
 
 def _call(kit: InternVLUToolkit, name: str, **args):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CHECKPOINT, get_pipeline
+from conftest import TINY_CHECKPOINT
 from lora_helpers import pixels
 from PIL import Image, ImageDraw
 
@@ -19,20 +19,12 @@ from internvl_u_core.training import TrainConfig, train_lora
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def pipe():
-    pipe = get_pipeline("internvlu-tiny")
-    yield pipe
-    if len(pipe.loras):
-        pipe.remove_lora()
+def pipe(pipe_without_loras):
+    return pipe_without_loras
 
 
 def _picture(name: str, size=(64, 64)) -> Image.Image:

@@ -87,7 +87,7 @@ def test_a_wrong_reasoning_in_a_batch_fails_only_its_own_request(server, tiny_pi
 
 def test_a_batch_that_fails_anyway_runs_its_rows_alone(tiny_pipe):
     """Past admission (called here without it), a batch refused for one row runs each row alone."""
-    from internvl_u_core.requests import DrawRequest
+    from internvl_u_core.draw_request import DrawRequest
     from internvl_u_serve.http.engine import DrawWork, Engine, Job
 
     loop = asyncio.new_event_loop()

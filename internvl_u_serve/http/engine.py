@@ -23,8 +23,8 @@ from typing import Any
 from PIL import Image
 
 from internvl_u_core import GenerationCancelled, Reasoning
+from internvl_u_core.draw_request import DrawRequest
 from internvl_u_core.files import png_bytes
-from internvl_u_core.requests import DrawRequest
 
 logger = logging.getLogger("internvl_u_serve.http")
 

@@ -23,9 +23,9 @@ from PIL import Image
 
 from internvl_u_core import InternVLUError, Reasoning, random_seed
 from internvl_u_core import validation as check
+from internvl_u_core.draw_request import DrawRequest
 from internvl_u_core.files import ACCEPTED_FORMATS, png_bytes, png_data_uri
 from internvl_u_core.limits import DEFAULT_ANSWER_TOKENS, DEFAULT_REASONING_TOKENS, DEFAULT_STEPS
-from internvl_u_core.requests import DrawRequest
 from internvl_u_core.validation import shown
 
 from .engine import STREAM_BUFFER_BYTES, DrawResult, DrawWork, TextResult, TextWork

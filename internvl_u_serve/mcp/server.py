@@ -30,10 +30,10 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from internvl_u_core import InvalidInputError, InvalidInputTypeError, Limits, Reasoning, __version__, lora, random_seed
+from internvl_u_core.draw_request import DrawRequest
 from internvl_u_core.files import ImageStore, LoadedImage, StoredImage
 from internvl_u_core.limits import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from internvl_u_core.reasonings import ReasoningStore, StoredReasoning
-from internvl_u_core.requests import DrawRequest
 from internvl_u_core.validation import shown
 from internvl_u_serve.mcp.jobs import JobRunner, StepReporter
 
