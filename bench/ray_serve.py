@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ REPO = BENCH.parent
 sys.path[:0] = [str(BENCH), str(REPO / "tests"), str(REPO)]
 
 from checkpoint import ensure_checkpoint  # noqa: E402
-from serve import PROMPTS, generate_request, log  # noqa: E402
+from serve import PROMPTS, generate_request, log, write_results  # noqa: E402
 from serving import ServerProcess, free_port  # noqa: E402
 
 APP = "internvl-u-bench"
@@ -187,10 +186,7 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    document["machine"]["loadavg_end"] = os.getloadavg()
-    path = Path(args.json) if args.json else BENCH / "results" / f"ray-serve-{started:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1) + "\n")
+    path = write_results(document, args.json, "ray-serve", started)
     print(table(document))
     log(f"wrote {path}")
     return 0

@@ -282,13 +282,19 @@ def main(argv=None) -> int:
             document["results"]["overhead"] = overhead(args, checkpoint, logs)
         if "soak" in jobs:
             document["results"]["soak"] = soak(args, logs)
-    document["machine"]["loadavg_end"] = os.getloadavg()
-    path = Path(args.json) if args.json else BENCH / "results" / f"serve-{started:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1) + "\n")
+    path = write_results(document, args.json, "serve", started)
     print(table(document))
     log(f"wrote {path}")
     return 0
+
+
+def write_results(document: dict, json_arg: str | None, prefix: str, started: _dt.datetime) -> Path:
+    """Stamp the closing load average and write the result (default: bench/results/<prefix>-<time>.json)."""
+    document["machine"]["loadavg_end"] = os.getloadavg()
+    path = Path(json_arg) if json_arg else BENCH / "results" / f"{prefix}-{started:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path
 
 
 if __name__ == "__main__":
